@@ -1,0 +1,128 @@
+"""Helpers shared by the tests: real models on disk, real lm-eval requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as T
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
+
+import lm_eval_spade  # noqa: F401  (registers spade-exit)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+DATA = SHARED / "data"
+
+_COMMON = dict(
+    vocab_size=512,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+#: A tiny random config for every supported family, with the stories260K vocabulary.
+TINY_CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**_COMMON, num_key_value_heads=2),
+    "mistral": lambda: T.MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=16),
+    "qwen2": lambda: T.Qwen2Config(**_COMMON, num_key_value_heads=2),
+    "qwen3": lambda: T.Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=8),
+    "gemma": lambda: T.GemmaConfig(**_COMMON, num_key_value_heads=2, head_dim=8),
+    "gpt_neox": lambda: T.GPTNeoXConfig(**_COMMON),
+    "gpt2": lambda: T.GPT2Config(
+        vocab_size=512,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "opt": lambda: T.OPTConfig(
+        vocab_size=512,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=256,
+        word_embed_proj_dim=16,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+}
+
+
+def save_tiny_model(config: T.PretrainedConfig, out: Path, seed: int = 0) -> Path:
+    """A seeded random model in HF format, with the stories260K tokenizer beside it."""
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config)
+    # Random init draws tiny weights; widen them so layers differ visibly.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(out)
+    T.AutoTokenizer.from_pretrained(STORIES).save_pretrained(out)
+    return out
+
+
+def make_lm(name: str, pretrained: Path | str, batch_size: int = 4, **model_args):
+    args = dict(pretrained=str(pretrained), device="cpu", dtype="float32", batch_size=batch_size)
+    args.update(model_args)
+    return get_model(name).create_from_arg_obj(args)
+
+
+CONTEXTS = [
+    "Once upon a time, there was a little girl named Lily. She loved to play",
+    "Tom was sad because he lost his red ball. His mom",
+    "One day, a big dog came to the park. The dog was very happy and",
+    "Q",
+]
+CONTINUATIONS = [" outside", " a", " with her toys in the garden.", " helped him look for it."]
+STORY = (
+    "Once upon a time, there was a little girl named Lily. She loved to play with her toys "
+    "in the garden. One day, a big dog came to the park. The dog was very happy and wanted "
+    "to play with the kids. Tom was sad because he lost his red ball."
+)
+
+
+def loglikelihood_requests(task: str = "story") -> list[Instance]:
+    """One-token and multi-token continuations; several share a context."""
+    pairs = [(c, k) for c in CONTEXTS for k in CONTINUATIONS]
+    return [
+        Instance("loglikelihood", {}, pair, i, metadata=(task, i, 1))
+        for i, pair in enumerate(pairs)
+    ]
+
+
+def arc_requests(n_questions: int = 12, task: str = "arc") -> list[Instance]:
+    """Real ARC-Easy dev questions with the letter-answer prompt: one request per choice."""
+    import json
+
+    lines = (DATA / "arc" / "ARC-Easy" / "ARC-Easy-Dev.jsonl").read_text().splitlines()
+    requests = []
+    for doc_id, line in enumerate(lines[:n_questions]):
+        question = json.loads(line)["question"]
+        options = "\n".join(f"{c['label']}. {c['text']}" for c in question["choices"])
+        context = f"Question: {question['stem']}\n{options}\nAnswer:"
+        for choice in question["choices"]:
+            pair = (context, " " + choice["label"])
+            requests.append(
+                Instance("loglikelihood", {}, pair, len(requests), metadata=(task, doc_id, 1))
+            )
+    return requests
+
+
+def rolling_requests(task: str = "story_ppl") -> list[Instance]:
+    texts = [STORY, CONTEXTS[0], CONTEXTS[2] + CONTINUATIONS[2]]
+    return [
+        Instance("loglikelihood_rolling", {}, (t,), i, metadata=(task, i, 1))
+        for i, t in enumerate(texts)
+    ]
