@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up .venv for lm-eval-spade on a fresh Linux machine: Python 3.11 (or python3),
+# torch 2.13.0 (CPU wheel) only where no torch is installed yet, then this package with
+# its dev extras, editable, so `lm_eval --model spade-exit` works from the venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e '.[dev]'
