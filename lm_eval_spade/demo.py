@@ -27,7 +27,7 @@ TASK = "spade_demo"
 
 
 def build_tokenizer() -> T.PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + ["Question:", "Answer:", *WORDS])}
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL, "Question:", "Answer:", *WORDS])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(

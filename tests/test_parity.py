@@ -56,3 +56,12 @@ def test_inner_layer_differs_from_full_model(family, tiny_models, hf_scores):
         (hf_scores[family]),
     )
     assert max(abs(a[0] - b[0]) for a, b in zip(ll, ll_ref, strict=True)) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_last_layer_is_full_model(family, dtype, tiny_models):
+    """In half precision, exit_layer=L agrees with `hf` in the same dtype."""
+    want = _score(make_lm("hf", tiny_models[family], dtype=dtype))
+    got = _score(make_lm("spade-exit", tiny_models[family], dtype=dtype, exit_layer=3))
+    _assert_close(got, want, atol=1e-5)  # measured: identical (0.0) on CPU
