@@ -209,10 +209,7 @@ class SpadeExitLM(HFLM):
                 spade_positions=self.spade.spade_positions,
             )
         log_probs = F.log_softmax(decoded.logits, dim=-1, dtype=self.softmax_dtype)
-        stats = self._stats()
-        for n in input_lens:
-            stats.add_forward(n, layer, 0)
-        stats.passes_run += decoded.block_token_passes
+        self._stats().add_forward(sum(input_lens), layer, decoded.block_token_passes)
         return list(log_probs.split(cont_lens))
 
     def _check_start_tokens(self, ids: torch.Tensor) -> None:

@@ -25,7 +25,12 @@ class ExitStats:
     passes_full: int = 0
 
     def add_forward(self, n_tokens: int, exit_layer: int, upper_passes: int) -> None:
-        """One forward over `n_tokens`, stopped at `exit_layer`, plus its decoding cost."""
+        """Forwards over `n_tokens` in all, stopped at `exit_layer`, plus decoding cost.
+
+        `upper_passes` is what decoding spent in blocks above `exit_layer` (SPADE's
+        `(L - l) * 2` per decoded position); padding is not counted, as SPADE.md counts
+        a request's own tokens.
+        """
         self.passes_run += exit_layer * n_tokens + upper_passes
         self.passes_full += self.num_layers * n_tokens
 
