@@ -8,13 +8,14 @@ forward on a truncated copy of the model, fed through `inputs_embeds`.
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 import transformers as T
 from lm_eval.api.instance import Instance
 from lmutil import STORIES, make_lm
+
+from lm_eval_spade.perplexity import rolling_perplexity
 
 CONTEXT = "Once upon a time, there was a little girl named Lily. She loved to"
 CONTINUATION = " play with her toys in the garden."
@@ -88,13 +89,7 @@ def test_spade_matches_reference(stories, layer, variant, model_args):
 
 
 def _perplexity(lm) -> float:
-    requests = [
-        Instance("loglikelihood_rolling", {}, (s,), i, metadata=("ppl", i, 1))
-        for i, s in enumerate(STORY_SENTENCES)
-    ]
-    logprob = sum(lm.loglikelihood_rolling(requests, disable_tqdm=True))
-    tokens = sum(len(lm.tok_encode(s)) for s in STORY_SENTENCES)
-    return math.exp(-logprob / tokens)
+    return rolling_perplexity(lm, STORY_SENTENCES)
 
 
 def test_layerwise_perplexity_spade_beats_logit_lens():
