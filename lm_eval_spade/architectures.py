@@ -19,8 +19,10 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from lm_eval_spade.errors import UserInputError
 
-class UnsupportedArchitectureError(ValueError):
+
+class UnsupportedArchitectureError(UserInputError):
     """The model's family is not one this package knows how to run block by block."""
 
 
@@ -47,6 +49,10 @@ class Architecture:
         raise NotImplementedError
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _final_norm_modules(self) -> list[nn.Module | None]:
+        """The modules `final_norm` applies, in order (None where a family's is absent)."""
         raise NotImplementedError
 
     def _call_block(
@@ -84,6 +90,16 @@ class Architecture:
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """`head(h) = W · final_norm(h)`: logits from any layer's hidden states."""
         return self.lm_head(self.final_norm(hidden))
+
+    def head_parameters(self) -> dict[str, torch.Tensor]:
+        """Every tensor `head` depends on, named; lenses are tied to these."""
+        modules = [*self._final_norm_modules(), self.lm_head]
+        return {
+            f"{i}.{name}": tensor
+            for i, module in enumerate(modules)
+            if module is not None
+            for name, tensor in module.state_dict().items()
+        }
 
     def run_blocks(
         self, hidden: torch.Tensor, start: int, end: int, position_ids: torch.Tensor
@@ -145,6 +161,9 @@ class LlamaLike(Architecture):
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._base.norm(hidden)
 
+    def _final_norm_modules(self):
+        return [self._base.norm]
+
     def _rotary(self, hidden, position_ids):
         return self._base.rotary_emb(hidden, position_ids=position_ids)
 
@@ -177,6 +196,9 @@ class GPTNeoX(Architecture):
     def final_norm(self, hidden):
         return self._base.final_layer_norm(hidden)
 
+    def _final_norm_modules(self):
+        return [self._base.final_layer_norm]
+
     def _rotary(self, hidden, position_ids):
         return self._base.rotary_emb(hidden, position_ids=position_ids)
 
@@ -207,6 +229,9 @@ class GPT2(Architecture):
 
     def final_norm(self, hidden):
         return self._base.ln_f(hidden)
+
+    def _final_norm_modules(self):
+        return [self._base.ln_f]
 
     def _call_block(self, index, hidden, mask, position_ids, rotary):
         return self.layers[index](hidden, attention_mask=mask)
@@ -245,6 +270,9 @@ class OPT(Architecture):
         if base.project_out is not None:
             hidden = base.project_out(hidden)
         return hidden
+
+    def _final_norm_modules(self):
+        return [self._base.final_layer_norm, self._base.project_out]
 
     def _call_block(self, index, hidden, mask, position_ids, rotary):
         return self.layers[index](hidden, attention_mask=mask, position_ids=position_ids)

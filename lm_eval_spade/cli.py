@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from lm_eval_spade import __version__
+from lm_eval_spade.errors import UserInputError
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -20,14 +21,111 @@ def _demo(args: argparse.Namespace) -> None:
     print(demo.summary(results))
 
 
+def _train_lens(args: argparse.Namespace) -> None:
+    from lm_eval_spade.decoders import SpadePositions
+    from lm_eval_spade.lens.jobs import DataSpec, train_and_save
+    from lm_eval_spade.lens.training import LensTrainConfig
+    from lm_eval_spade.lens.translators import LensKind
+
+    config = LensTrainConfig(
+        kind=LensKind(args.kind),
+        layers=args.layers,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        max_length=args.max_length,
+        spade_positions=SpadePositions(args.spade_positions),
+        eval_fraction=args.eval_fraction,
+        cache_mb=args.cache_mb,
+    )
+    data = DataSpec(
+        args.data, args.split, args.include_path, args.limit, args.eval_data, args.eval_split
+    )
+    trained = train_and_save(
+        args.model, data, config, args.out, args.revision, args.dtype, args.device, args.peft
+    )
+    print(f"KL to the {args.kind} target on held-out examples, per layer (nats/position):")
+    print(trained.report.to_markdown(index=False, floatfmt=".4f"))
+    print(f"saved to {args.out}")
+
+
+def _export_lens(args: argparse.Namespace) -> None:
+    from lm_eval_spade.lens.jobs import export_to_tuned_lens
+
+    print(f"wrote {export_to_tuned_lens(args.lens, args.out)} (tuned-lens format)")
+
+
+def _add_train_lens(commands) -> None:
+    train = commands.add_parser(
+        "train-lens",
+        help="train L-SPADE or tuned-lens translators for a model",
+        description=(
+            "Train one affine translator per layer (zero-initialised: untrained it is "
+            "logit lens). --kind lspade matches SPADE's distribution at the answer position "
+            "(last token) of each prompt; --kind tuned_lens matches the final layer at every "
+            "position of each document. Use the result with `lm_eval --model spade-exit "
+            "--model_args pretrained=MODEL,exit_layer=K,decoder=KIND,lens=OUT`."
+        ),
+    )
+    add = train.add_argument
+    add("--model", required=True, help="model directory or hub id")
+    add("--kind", required=True, choices=["lspade", "tuned_lens"], help="what to train")
+    add(
+        "--data", required=True,
+        help="an lm-eval task name (prompts rendered by lm-eval), or a .jsonl (prompt/text "
+        "field) or .txt (blank-line separated) file",
+    )  # fmt: skip
+    add("--out", required=True, help="output directory (written atomically)")
+    add("--split", default="train", choices=["train", "validation", "test"],
+        help="task split to train on (default: %(default)s)")  # fmt: skip
+    add("--include-path", help="extra lm-eval task directory (like lm_eval --include_path)")
+    add("--limit", type=int, help="use at most this many examples")
+    add("--eval-data", help="held-out data (default: a seeded --eval-fraction of --data)")
+    add("--eval-split", default="validation", help="split of --eval-data (default: %(default)s)")
+    add("--eval-fraction", type=float, default=0.1,
+        help="fraction held out when --eval-data is not given (default: %(default)s)")  # fmt: skip
+    add("--layers", type=int, nargs="+", help="layers to train (default: 0..L-1)")
+    add("--steps", type=int, default=300, help="optimiser steps (default: %(default)s)")
+    add("--batch-size", type=int, default=16, help="examples per step (default: %(default)s)")
+    add("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    add("--optimizer", default="adam", choices=["adam", "sgd"], help="(default: %(default)s)")
+    add("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
+    add("--seed", type=int, default=0, help="data order and held-out split (default: 0)")
+    add("--max-length", type=int, default=512, help="tokens kept per example (from the end)")
+    add("--spade-positions", default="original", choices=["original", "compact"],
+        help="position ids of SPADE's pair for lspade targets (default: %(default)s)")  # fmt: skip
+    add("--cache-mb", type=int, default=2048,
+        help="keep targets in memory up to this size, else remake them each step")  # fmt: skip
+    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add("--device", default="cpu", help="torch device (default: %(default)s)")
+    add("--revision", help="model revision (recorded in the lens config)")
+    add("--peft", help="LoRA adapter directory to apply to the model first")
+    train.set_defaults(run=_train_lens)
+
+    export = commands.add_parser(
+        "export-lens",
+        help="write a tuned_lens lens in tuned-lens's own format (params.pt + config.json)",
+        description=(
+            "Convert a tuned_lens lens made by train-lens into the format of the tuned-lens "
+            "package, so `TunedLens.from_model_and_pretrained(model, OUT)` loads it."
+        ),
+    )
+    export.add_argument("lens", help="lens directory made by train-lens")
+    export.add_argument("out", help="output directory")
+    export.set_defaults(run=_export_lens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lm-eval-spade",
         description=(
             "Early-exit evaluation with SPADE for lm-evaluation-harness. Evaluate with "
             "lm-eval's own command: `lm_eval --model spade-exit --model_args "
-            "pretrained=MODEL,exit_layer=K[,decoder=spade|spade_nos|logit_lens]"
-            "[,spade_positions=original|compact] --tasks ...`. Without exit settings "
+            "pretrained=MODEL,exit_layer=K[,decoder=spade|spade_nos|logit_lens|lspade|tuned_lens]"
+            "[,lens=DIR][,spade_positions=original|compact] --tasks ...`. Without exit settings "
             "spade-exit returns exactly what `--model hf` returns."
         ),
     )
@@ -51,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit layers to run spade-exit at (default: %(default)s)",
     )  # fmt: skip
     demo.set_defaults(run=_demo)
+    _add_train_lens(commands)
     return parser
 
 
@@ -60,7 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    args.run(args)
+    try:
+        args.run(args)
+    except UserInputError as err:
+        # Bad input is the user's to fix: one line naming it, no traceback.
+        raise SystemExit(f"lm-eval-spade {args.command}: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -12,9 +12,10 @@ from enum import Enum
 from typing import Any
 
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
+from lm_eval_spade.errors import UserInputError
 
 
-class SpadeArgumentError(ValueError):
+class SpadeArgumentError(UserInputError):
     """A spade-exit model_arg is missing, misspelt, or out of range."""
 
 
@@ -44,11 +45,14 @@ class SpadeConfig:
     - `decoder`: which decoder maps `h^exit_layer` to logits (default `spade`).
     - `spade_positions`: position ids of the SPADE pair, `original` `(0, i)` or
       `compact` `(0, 1)`.
+    - `lens`: directory of a trained lens (`lm-eval-spade train-lens`, or a tuned-lens
+      checkpoint), for `decoder=lspade` and `decoder=tuned_lens`.
     """
 
     decoder: DecoderKind | None = None
     exit_layer: int | None = None
     spade_positions: SpadePositions = SpadePositions.ORIGINAL
+    lens: str | None = None
 
     @classmethod
     def from_model_args(
@@ -56,6 +60,7 @@ class SpadeConfig:
         decoder: Any = None,
         exit_layer: Any = None,
         spade_positions: Any = SpadePositions.ORIGINAL.value,
+        lens: Any = None,
     ) -> SpadeConfig:
         kind = None if decoder is None else _enum_value(DecoderKind, "decoder", decoder)
         layer = None if exit_layer is None else _int_value("exit_layer", exit_layer)
@@ -67,7 +72,19 @@ class SpadeConfig:
         if layer is not None and kind is None:
             kind = DecoderKind.SPADE
         positions = _enum_value(SpadePositions, "spade_positions", spade_positions)
-        return cls(decoder=kind, exit_layer=layer, spade_positions=positions)
+        lens = None if lens is None else str(lens)
+        lens_decoders = [k.value for k in DecoderKind if k.needs_lens]
+        if kind is not None and kind.needs_lens and lens is None:
+            raise SpadeArgumentError(
+                f"decoder={kind.value} decodes through a trained lens: add lens=DIR (made by "
+                f"`lm-eval-spade train-lens --kind {kind.value}`)."
+            )
+        if lens is not None and (kind is None or not kind.needs_lens):
+            raise SpadeArgumentError(
+                f"lens={lens} is only used by decoder={' or decoder='.join(lens_decoders)}; "
+                "set one of those (with exit_layer=K) or drop lens."
+            )
+        return cls(decoder=kind, exit_layer=layer, spade_positions=positions, lens=lens)
 
     @property
     def active(self) -> bool:

@@ -5,7 +5,9 @@ Definitions follow `SPADE.md`:
 - logit lens: `head(h_i^l)`;
 - SPADE: run the 2-token sequence `[h_0^l, h_i^l]` through blocks `l+1..L` as a causal
   sequence and take `head` of its second token;
-- SPADE-NoS: the same with the 1-token sequence `[h_i^l]`.
+- SPADE-NoS: the same with the 1-token sequence `[h_i^l]`;
+- tuned lens and L-SPADE: `head(h_i^l + A_l h_i^l + b_l)` with a trained translator
+  (`lm_eval_spade.lens`); they differ only in what the translator was trained to match.
 
 Many positions are decoded as a batch of independent short sequences, so the cost grows
 with `(L - l) * 2` block-token passes per position and never with the context length.
@@ -17,20 +19,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from lm_eval_spade.architectures import Architecture
+
+if TYPE_CHECKING:
+    from lm_eval_spade.lens import Lens
 
 
 class DecoderKind(str, Enum):
     LOGIT_LENS = "logit_lens"
     SPADE = "spade"
     SPADE_NOS = "spade_nos"
+    TUNED_LENS = "tuned_lens"
+    LSPADE = "lspade"
 
     @property
     def needs_start_token(self) -> bool:
         return self is DecoderKind.SPADE
+
+    @property
+    def needs_lens(self) -> bool:
+        return self in (DecoderKind.TUNED_LENS, DecoderKind.LSPADE)
 
 
 class SpadePositions(str, Enum):
@@ -58,14 +70,20 @@ def decode(
     positions: torch.Tensor,
     spade_positions: SpadePositions = SpadePositions.ORIGINAL,
     max_sequences: int = 1024,
+    lens: Lens | None = None,
 ) -> Decoded:
     """Decode `k` positions from layer `layer`.
 
     `states[j]` is `h_i^l` for position `positions[j]` of some sequence, and
-    `start_states[j]` is `h_0^l` of that same sequence (used by SPADE only).
+    `start_states[j]` is `h_0^l` of that same sequence (used by SPADE only). `lens` holds
+    the translators of the tuned-lens and L-SPADE decoders.
     """
     if kind is DecoderKind.LOGIT_LENS or layer == arch.num_layers:
         return Decoded(arch.head(states), 0)
+    if kind.needs_lens:
+        if lens is None:
+            raise ValueError(f"decoder {kind.value} needs a trained lens")
+        return Decoded(lens.logits(arch, states, layer), 0)
     compact = spade_positions is SpadePositions.COMPACT
     if kind is DecoderKind.SPADE_NOS:
         pos = torch.zeros_like(positions) if compact else positions

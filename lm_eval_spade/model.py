@@ -26,6 +26,7 @@ from lm_eval_spade import __version__
 from lm_eval_spade.architectures import Architecture, architecture_for
 from lm_eval_spade.config import SpadeArgumentError, SpadeConfig
 from lm_eval_spade.decoders import decode
+from lm_eval_spade.lens import Lens, LensCheckpointError, LensKind, load_lens
 from lm_eval_spade.model_args import check_model_args
 from lm_eval_spade.stats import ExitStats
 
@@ -49,8 +50,8 @@ def _group_key(req: TokenRequest) -> list[int]:
 class SpadeExitLM(HFLM):
     """HFLM whose scored positions are decoded from an intermediate layer.
 
-    Accepts every HFLM model_arg, plus `decoder`, `exit_layer` and `spade_positions`
-    (see `SpadeConfig`).
+    Accepts every HFLM model_arg, plus `decoder`, `exit_layer`, `spade_positions` and
+    `lens` (see `SpadeConfig`).
     """
 
     def __init__(self, pretrained: Any, **kwargs: Any) -> None:
@@ -69,8 +70,27 @@ class SpadeExitLM(HFLM):
                 )
             self.arch = architecture_for(self.model)
             self.spade.check_layers(self.arch.num_layers)
+        self.lens: Lens | None = None
+        if self.spade.lens is not None:
+            self.lens = self._load_lens()
         self.exit_stats: dict[str, ExitStats] = {}
         self._task: str = "unknown"
+
+    def _load_lens(self) -> Lens:
+        """The lens of `lens=`, checked against this model and the exit layer."""
+        assert self.arch is not None and self.spade.decoder is not None
+        try:
+            lens = load_lens(self.spade.lens, self.arch, LensKind(self.spade.decoder.value))
+        except LensCheckpointError as err:
+            raise SpadeArgumentError(str(err)) from err
+        layer = self.spade.exit_layer
+        if layer is not None and layer < self.arch.num_layers and layer not in lens.layers:
+            raise SpadeArgumentError(
+                f"exit_layer={layer}: the lens at {self.spade.lens} has translators for layers "
+                f"{lens.layers} only. Pick one of those, or train one that covers {layer} "
+                f"(`lm-eval-spade train-lens --layers {layer} ...`)."
+            )
+        return lens
 
     # --- request entry points: track which task is being scored ------------------------
     def loglikelihood(
@@ -207,6 +227,7 @@ class SpadeExitLM(HFLM):
                 states=hidden[rows, scored],
                 positions=scored,
                 spade_positions=self.spade.spade_positions,
+                lens=self.lens,
             )
         log_probs = F.log_softmax(decoded.logits, dim=-1, dtype=self.softmax_dtype)
         self._stats().add_forward(sum(input_lens), layer, decoded.block_token_passes)
@@ -238,4 +259,14 @@ class SpadeExitLM(HFLM):
             "num_layers": self._full_depth(),
             "tasks": {task: stats.to_dict() for task, stats in sorted(self.exit_stats.items())},
         }
+        if self.lens is not None:
+            lens = self.lens.config
+            info["spade"]["lens"] = {
+                "path": self.spade.lens,
+                "kind": lens.kind,
+                "layers": lens.layers,
+                "base_model_name_or_path": lens.base_model_name_or_path,
+                "head_hash": lens.head_hash,
+                "training": {k: v for k, v in lens.training.items() if k != "heldout_kl"},
+            }
         return info

@@ -126,3 +126,52 @@ def rolling_requests(task: str = "story_ppl") -> list[Instance]:
         Instance("loglikelihood_rolling", {}, (t,), i, metadata=(task, i, 1))
         for i, t in enumerate(texts)
     ]
+
+
+ARC_LETTER_TASK = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {root}/ARC-Easy-Train.jsonl
+    validation: {root}/ARC-Easy-Dev.jsonl
+    test: {root}/ARC-Easy-Test.jsonl
+output_type: multiple_choice
+training_split: train
+validation_split: validation
+test_split: test
+doc_to_text: "Question: {{{{question.stem}}}}\\n{{% for c in question.choices %}}{{{{c.label}}}}. \\
+{{{{c.text}}}}\\n{{% endfor %}}Answer:"
+doc_to_choice: "{{{{question.choices | map(attribute='label') | list}}}}"
+doc_to_target: "{{{{(question.choices | map(attribute='label') | list).index(answerKey)}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def write_arc_letter_task(root: Path, name: str = "arc_easy_letters_test") -> str:
+    """A local lm-eval task over the real ARC-Easy files, with letter answers."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = DATA / "arc" / "ARC-Easy"
+    (root / f"{name}.yaml").write_text(ARC_LETTER_TASK.format(name=name, root=data))
+    return name
+
+
+SENTENCES = [  # the story sentences of ../shared/models/SOURCES.md
+    "Once upon a time, there was a little girl named Lily. She loved to play with her toys "
+    "in the garden.",
+    "One day, a big dog came to the park. The dog was very happy and wanted to play with the kids.",
+    "Tom was sad because he lost his red ball. His mom helped him look for it under the bed.",
+]
+
+
+def sample_stories(n: int = 32, tokens: int = 160, seed: int = 0) -> list[str]:
+    """Story text drawn from stories260K itself (seeded), to train lenses on."""
+    model = T.AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
+    tokenizer = T.AutoTokenizer.from_pretrained(STORIES)
+    torch.manual_seed(seed)
+    start = torch.full((n, 1), tokenizer.bos_token_id)
+    out = model.generate(
+        start, do_sample=True, max_new_tokens=tokens, top_k=0, top_p=1.0, pad_token_id=0
+    )
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in out]

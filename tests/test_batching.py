@@ -42,7 +42,12 @@ def test_exit_statistics_per_task():
     lm.loglikelihood(loglikelihood_requests("mc"), disable_tqdm=True)
     lm.loglikelihood_rolling(rolling_requests("ppl"), disable_tqdm=True)
     info = lm.get_model_info()["spade"]
-    assert info["config"] == {"decoder": "spade", "exit_layer": 2, "spade_positions": "original"}
+    assert info["config"] == {
+        "decoder": "spade",
+        "exit_layer": 2,
+        "spade_positions": "original",
+        "lens": None,
+    }
     mc, ppl = info["tasks"]["mc"], info["tasks"]["ppl"]
     assert mc["requests"] == 16 and ppl["requests"] == 3
     assert mc["exit_layer"] == 2 and mc["exit_layer_histogram"] == {"2": 16}

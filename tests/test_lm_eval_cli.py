@@ -68,7 +68,12 @@ def test_lm_eval_command_hf_and_spade_exit(task_dir, tmp_path):
     assert hf["n-samples"][task]["effective"] == 6
 
     spade = early["config"]["spade"]
-    assert spade["config"] == {"decoder": "spade", "exit_layer": 2, "spade_positions": "original"}
+    assert spade["config"] == {
+        "decoder": "spade",
+        "exit_layer": 2,
+        "spade_positions": "original",
+        "lens": None,
+    }
     stats = spade["tasks"][task]
     assert stats["exit_layer"] == 2 and stats["requests"] > 6
     assert 2 / 5 < stats["compute_fraction"] < 1

@@ -1,0 +1,130 @@
+"""Where lens training text comes from: an lm-eval task, or a local file.
+
+- An lm-eval task by name (`arc_easy`, a task of `task_configs/`, or one under
+  `include_path`): prompts are the task's zero-shot contexts, rendered by lm-eval itself
+  (`fewshot_context`), so L-SPADE learns at exactly the answer positions spade-exit
+  will score. Documents (for tuned lens) are the context followed by the gold answer.
+- A `.jsonl` file: one JSON object per line with a `prompt` or `text` field.
+- A `.txt` file: documents (or prompts) separated by blank lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lm_eval_spade.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+_FIELDS = ("prompt", "text", "context")
+
+
+class LensDataError(UserInputError):
+    """Training data that cannot be found or read."""
+
+
+def load_texts(
+    source: str,
+    *,
+    documents: bool,
+    split: str = "train",
+    include_path: str | None = None,
+    limit: int | None = None,
+) -> list[str]:
+    """Prompts (`documents=False`) or whole documents (`documents=True`) from `source`."""
+    path = Path(source)
+    if path.suffix in {".jsonl", ".txt"} or path.exists():
+        texts = _from_file(path)
+    else:
+        texts = _from_task(source, documents=documents, split=split, include_path=include_path)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise LensDataError(f"{source} ({split}) holds no non-empty text to train on.")
+    return texts[:limit] if limit else texts
+
+
+def _from_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise LensDataError(f"{path} does not exist; give a .jsonl or .txt file or a task name.")
+    if path.suffix == ".txt":
+        return [block.strip() for block in path.read_text().split("\n\n")]
+    if path.suffix != ".jsonl":
+        raise LensDataError(f"{path}: unsupported file type; use .jsonl (prompt/text) or .txt.")
+    texts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LensDataError(f"{path}:{number} is not JSON ({err}).") from err
+        field = next((f for f in _FIELDS if isinstance(record, dict) and f in record), None)
+        if field is None:
+            raise LensDataError(
+                f"{path}:{number} has no {' / '.join(_FIELDS)} field; each line must be an "
+                'object like {"prompt": "Question: ...\\nAnswer:"}.'
+            )
+        texts.append(str(record[field]))
+    return texts
+
+
+def _tasks(source: str, include_path: str | None) -> list[Any]:
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path)
+    if source not in manager.all_tasks:
+        hint = " (add --include-path DIR for a local task)" if include_path is None else ""
+        raise LensDataError(
+            f"{source!r} is neither a file nor an lm-eval task{hint}. Give a task name such "
+            "as arc_easy, or a .jsonl/.txt file."
+        )
+    return list(manager.load([source])["tasks"].values())
+
+
+def _split_docs(task: Any, split: str) -> Iterable[dict]:
+    available = {
+        "train": task.has_training_docs(),
+        "validation": task.has_validation_docs(),
+        "test": task.has_test_docs(),
+    }
+    if split not in available:
+        raise LensDataError(f"split={split!r} is not one of {', '.join(SPLITS)}.")
+    if not available[split]:
+        have = [s for s, ok in available.items() if ok]
+        raise LensDataError(
+            f"task {task.config.task} has no {split} split (it has: {', '.join(have)}). Pass "
+            "--split with one of those, and keep what you train on out of reported scores."
+        )
+    return {
+        "train": task.training_docs,
+        "validation": task.validation_docs,
+        "test": task.test_docs,
+    }[split]()
+
+
+def _from_task(source: str, *, documents: bool, split: str, include_path: str | None) -> list[str]:
+    texts: list[str] = []
+    for task in _tasks(source, include_path):
+        for doc in _split_docs(task, split):
+            context = task.fewshot_context(doc, num_fewshot=0)
+            contexts = context if isinstance(context, list) else [context]
+            if documents:
+                texts.extend(c + _gold_continuation(task, doc) for c in contexts)
+            else:
+                texts.extend(contexts)
+    logger.info("%s (%s): %d texts", source, split, len(texts))
+    return texts
+
+
+def _gold_continuation(task: Any, doc: dict) -> str:
+    target = task.doc_to_target(doc)
+    if task.OUTPUT_TYPE == "multiple_choice" and isinstance(target, int):
+        target = task.doc_to_choice(doc)[target]
+    if isinstance(target, list):
+        target = target[0]
+    return f"{task.config.target_delimiter}{target}"
