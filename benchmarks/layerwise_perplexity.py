@@ -9,21 +9,12 @@ Needs the shared model at ../shared/models/stories260K.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
+from common import SENTENCES, STORIES, write_result
 from lm_eval.api.registry import get_model
 
 from lm_eval_spade.perplexity import rolling_perplexity
 
-REPO = Path(__file__).resolve().parents[1]
-STORIES = REPO.parent / "shared" / "models" / "stories260K"
-SENTENCES = [  # the story sentences of ../shared/models/SOURCES.md
-    "Once upon a time, there was a little girl named Lily. She loved to play with her toys "
-    "in the garden.",
-    "One day, a big dog came to the park. The dog was very happy and wanted to play with the kids.",
-    "Tom was sad because he lost his red ball. His mom helped him look for it under the bed.",
-]
 SETTINGS = {
     "logit lens": {"decoder": "logit_lens"},
     "SPADE": {"decoder": "spade"},
@@ -43,17 +34,13 @@ def main() -> None:
     table = pd.DataFrame(
         {name: [perplexity(layer, args) for layer in range(6)] for name, args in SETTINGS.items()}
     ).rename_axis("layer")
-    text = (
-        "# stories260K: layer-wise perplexity per decoder\n\n"
+    write_result(
+        "stories260K_layerwise_perplexity.md",
+        "stories260K: layer-wise perplexity per decoder",
         "Three TinyStories sentences, scored as rolling loglikelihood (all tokens, BOS "
-        "prefix), float32, CPU. Written by `benchmarks/layerwise_perplexity.py`.\n\n"
-        + table.to_markdown(floatfmt=".2f")
-        + "\n"
+        "prefix), float32, CPU. Written by `benchmarks/layerwise_perplexity.py`.",
+        table.to_markdown(floatfmt=".2f"),
     )
-    out = REPO / "results" / "stories260K_layerwise_perplexity.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

@@ -10,3 +10,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e '.[dev]'
+# Test-only cross-check: the tests load our exported lenses with the real tuned-lens
+# package. Its lens module needs only torch/transformers/huggingface_hub; its declared
+# dependencies (torchdata, wandb, ...) would pull another torch, so they are skipped.
+.venv/bin/python -m pip install -q --no-deps tuned-lens==0.2.0

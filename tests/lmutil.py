@@ -167,11 +167,7 @@ SENTENCES = [  # the story sentences of ../shared/models/SOURCES.md
 
 def sample_stories(n: int = 32, tokens: int = 160, seed: int = 0) -> list[str]:
     """Story text drawn from stories260K itself (seeded), to train lenses on."""
+    from lm_eval_spade.lens.data import sample_texts
+
     model = T.AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
-    tokenizer = T.AutoTokenizer.from_pretrained(STORIES)
-    torch.manual_seed(seed)
-    start = torch.full((n, 1), tokenizer.bos_token_id)
-    out = model.generate(
-        start, do_sample=True, max_new_tokens=tokens, top_k=0, top_p=1.0, pad_token_id=0
-    )
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in out]
+    return sample_texts(model, T.AutoTokenizer.from_pretrained(STORIES), n, tokens, seed)

@@ -262,3 +262,26 @@ def test_exit_layer_without_a_translator_is_refused(tmp_path):
         make_lm("spade-exit", STORIES, exit_layer=2, decoder="lspade", lens=tmp_path / "l")
     lm = make_lm("spade-exit", STORIES, exit_layer=5, decoder="lspade", lens=tmp_path / "l")
     assert _scores(lm) == _scores(make_lm("spade-exit", STORIES, exit_layer=5))
+
+
+def test_the_tuned_lens_package_loads_our_export_and_we_load_its_save(
+    trained_dir, tmp_path, caplog
+):
+    """Against tuned-lens 0.2.0 itself (installed by scripts/setup.sh)."""
+    from tuned_lens.nn.lenses import TunedLens
+
+    model = T.AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
+    arch = architecture_for(model)
+    ours = load_lens(trained_dir, arch)
+    export_tuned_lens(read_lens(trained_dir), tmp_path / "exported")
+    theirs = TunedLens.from_model_and_pretrained(model, str(tmp_path / "exported"))
+    # tuned-lens logs a warning when our unembed_hash is not the one it computes.
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    hidden = torch.randn(6, arch.hidden_size)
+    with torch.no_grad():
+        for layer in range(arch.num_layers):
+            assert torch.equal(theirs.forward(hidden, layer), ours.logits(arch, hidden, layer))
+        theirs.save(tmp_path / "saved")
+        back = load_lens(tmp_path / "saved", arch)
+        for layer in range(arch.num_layers):
+            assert torch.equal(back.logits(arch, hidden, layer), theirs.forward(hidden, layer))

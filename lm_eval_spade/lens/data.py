@@ -6,6 +6,8 @@
   will score. Documents (for tuned lens) are the context followed by the gold answer.
 - A `.jsonl` file: one JSON object per line with a `prompt` or `text` field.
 - A `.txt` file: documents (or prompts) separated by blank lines.
+- The model's own samples (`sample_texts`): text in the model's own distribution, for a
+  tuned lens when no corpus is at hand.
 """
 
 from __future__ import annotations
@@ -128,3 +130,23 @@ def _gold_continuation(task: Any, doc: dict) -> str:
     if isinstance(target, list):
         target = target[0]
     return f"{task.config.target_delimiter}{target}"
+
+
+def sample_texts(model: Any, tokenizer: Any, n: int, tokens: int, seed: int = 0) -> list[str]:
+    """`n` seeded samples of `tokens` tokens from the model, starting at its BOS token."""
+    import torch
+
+    start_id = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
+    torch.manual_seed(seed)
+    start = torch.full((n, 1), start_id, device=model.device)
+    out = model.generate(
+        start,
+        do_sample=True,
+        max_new_tokens=tokens,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in out]

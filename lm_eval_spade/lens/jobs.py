@@ -39,23 +39,16 @@ def train_and_save(
     device: str = "cpu",
     peft: str | None = None,
 ) -> TrainedLens:
-    documents = config.kind is LensKind.TUNED_LENS
-    texts = load_texts(
-        data.source,
-        documents=documents,
-        split=data.split,
-        include_path=data.include_path,
-        limit=data.limit,
-    )
-    eval_texts = None
-    if data.eval_source is not None:
-        eval_texts = load_texts(
-            data.eval_source,
-            documents=documents,
-            split=data.eval_split,
-            include_path=data.include_path,
+    documents = config.kind is LensKind.TUNED_LENS  # tuned lens reads whole documents
+
+    def texts(source: str, split: str) -> list[str]:
+        return load_texts(
+            source, documents=documents, split=split, include_path=data.include_path,
             limit=data.limit,
-        )
+        )  # fmt: skip
+
+    train_texts = texts(data.source, data.split)
+    eval_texts = None if data.eval_source is None else texts(data.eval_source, data.eval_split)
     model, tokenizer = load_causal_lm(pretrained, revision, dtype, device, peft)
     info = {
         "data": data.source,
@@ -65,7 +58,7 @@ def train_and_save(
         "dtype": dtype,
         "peft": peft,
     }
-    trained = train_lens(model, tokenizer, texts, config, eval_texts, info, revision)
+    trained = train_lens(model, tokenizer, train_texts, config, eval_texts, info, revision)
     path = save_lens(trained.lens, out)
     logger.info("saved %s lens to %s", config.kind.value, path)
     return trained

@@ -82,14 +82,20 @@ def _cat_shared(parts: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]
     return out
 
 
+def start_token_id(tokenizer) -> int:
+    """BOS, or EOS where there is none (GPT-2's `<|endoftext|>`), as lm-eval's prefix token."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sequences.")
+    return start
+
+
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Token ids with a start token at position 0 (as spade-exit with add_bos_token=True).
 
     Long texts keep their last `max_length` tokens (the answer end), as HFLM truncates.
     """
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sequences.")
+    start = start_token_id(tokenizer)
     out = []
     for text in texts:
         ids = tokenizer(text.rstrip(), add_special_tokens=False)["input_ids"]

@@ -249,6 +249,6 @@ def train_lens(
         "eval_examples": len(eval_ids),
         "settings": config.to_dict(),
         "final_train_kl": losses[-1] if losses else None,
-        "heldout_kl": report.to_dict(orient="records"),
+        "heldout_kl": report.to_dict(orient="records") if eval_ids else [],
     }
     return TrainedLens(lens, report, losses)

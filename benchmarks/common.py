@@ -1,0 +1,37 @@
+"""What the benchmarks share: the shared folder's model and data, and prompt formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STORIES = SHARED / "models" / "stories260K"
+ARC_EASY = SHARED / "data" / "arc" / "ARC-Easy"
+RESULTS = REPO / "results"
+
+SENTENCES = [  # the story sentences of ../shared/models/SOURCES.md
+    "Once upon a time, there was a little girl named Lily. She loved to play with her toys "
+    "in the garden.",
+    "One day, a big dog came to the park. The dog was very happy and wanted to play with the kids.",
+    "Tom was sad because he lost his red ball. His mom helped him look for it under the bed.",
+]
+
+
+def arc_prompts(path: Path, limit: int | None = None) -> list[str]:
+    """ARC questions in the letter-answer format: options listed, answer after `Answer:`."""
+    prompts = []
+    for line in path.read_text().splitlines()[:limit]:
+        question = json.loads(line)["question"]
+        options = "".join(f"{c['label']}. {c['text']}\n" for c in question["choices"])
+        prompts.append(f"Question: {question['stem']}\n{options}Answer:")
+    return prompts
+
+
+def write_result(name: str, title: str, intro: str, *tables: str) -> None:
+    """Write `results/<name>` (markdown: title, intro, tables) and print it."""
+    text = f"# {title}\n\n{intro}\n\n" + "\n\n".join(tables) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / name).write_text(text)
+    print(text)
