@@ -61,6 +61,26 @@ class Decoded:
     block_token_passes: int
 
 
+@dataclass
+class LayerStates:
+    """What decoding at layer `l` needs: `h_i^l` at the positions to decode, their
+    positions `i`, and `h_0^l` of each one's own sequence (SPADE's start token)."""
+
+    start_states: torch.Tensor  # [k, d]
+    states: torch.Tensor  # [k, d]
+    positions: torch.Tensor  # [k]
+
+
+@dataclass
+class _Climb:
+    """Short sequences that enter the blocks above `layer` together."""
+
+    layer: int
+    rows: torch.Tensor  # which of the layer's k positions these are
+    seqs: torch.Tensor  # [n, s, d]
+    position_ids: torch.Tensor  # [n, s]
+
+
 def decode(
     arch: Architecture,
     kind: DecoderKind,
@@ -78,32 +98,116 @@ def decode(
     `start_states[j]` is `h_0^l` of that same sequence (used by SPADE only). `lens` holds
     the translators of the tuned-lens and L-SPADE decoders.
     """
-    if kind is DecoderKind.LOGIT_LENS or layer == arch.num_layers:
-        return Decoded(arch.head(states), 0)
-    if kind.needs_lens:
-        if lens is None:
-            raise ValueError(f"decoder {kind.value} needs a trained lens")
-        return Decoded(lens.logits(arch, states, layer), 0)
+    inputs = {layer: LayerStates(start_states, states, positions)}
+    return decode_layers(arch, kind, inputs, spade_positions, max_sequences, lens)[layer]
+
+
+def decode_layers(
+    arch: Architecture,
+    kind: DecoderKind,
+    inputs: dict[int, LayerStates],
+    spade_positions: SpadePositions = SpadePositions.ORIGINAL,
+    max_sequences: int = 1024,
+    lens: Lens | None = None,
+) -> dict[int, Decoded]:
+    """Decode at several layers at once.
+
+    SPADE's short sequences from every layer climb the blocks together, each joining at
+    the block above its own layer, so decoding L layers costs L block calls rather than
+    L(L+1)/2 (the passes, counted per sequence, are the same).
+    """
+    out: dict[int, Decoded] = {}
+    climbs: list[_Climb] = []
+    for layer, x in inputs.items():
+        if kind is DecoderKind.LOGIT_LENS or layer == arch.num_layers:
+            out[layer] = Decoded(arch.head(x.states), 0)
+        elif kind.needs_lens:
+            if lens is None:
+                raise ValueError(f"decoder {kind.value} needs a trained lens")
+            out[layer] = Decoded(lens.logits(arch, x.states, layer), 0)
+        else:
+            climbs += _climbs(kind, layer, x, spade_positions, max_sequences)
+    if not climbs:
+        return out
+    logits = {
+        layer: torch.empty(
+            (x.states.shape[0], arch.lm_head.out_features),
+            dtype=x.states.dtype,
+            device=x.states.device,
+        )
+        for layer, x in inputs.items()
+        if layer not in out
+    }
+    passes = dict.fromkeys(logits, 0)
+    for wave in _waves(climbs):
+        for climb, top in zip(wave, _climb_together(arch, wave), strict=True):
+            logits[climb.layer][climb.rows] = arch.head(top).to(logits[climb.layer].dtype)
+            passes[climb.layer] += (arch.num_layers - climb.layer) * climb.seqs[:, :, 0].numel()
+    out.update({layer: Decoded(logits[layer], passes[layer]) for layer in logits})
+    return out
+
+
+def _climbs(
+    kind: DecoderKind,
+    layer: int,
+    x: LayerStates,
+    spade_positions: SpadePositions,
+    max_sequences: int,
+) -> list[_Climb]:
+    """The sequences decoding `x` needs, in chunks of at most `max_sequences`."""
     compact = spade_positions is SpadePositions.COMPACT
+    positions = x.positions
     if kind is DecoderKind.SPADE_NOS:
         pos = torch.zeros_like(positions) if compact else positions
-        seqs, pos_ids = states[:, None], pos[:, None]
+        seqs, pos_ids = x.states[:, None], pos[:, None]
     else:
-        seqs = torch.stack([start_states, states], dim=1)
+        seqs = torch.stack([x.start_states, x.states], dim=1)
         second = torch.ones_like(positions) if compact else positions
         pos_ids = torch.stack([torch.zeros_like(positions), second], dim=1)
-    logits = torch.empty(
-        (states.shape[0], arch.lm_head.out_features), dtype=states.dtype, device=states.device
-    )
-    passes = 0
     at_start = (positions == 0) & (kind is DecoderKind.SPADE)
     groups = [(~at_start, seqs, pos_ids)]
-    if bool(at_start.any()):
-        groups.append((at_start, states[:, None], torch.zeros_like(positions)[:, None]))
-    for select, group_seqs, group_pos in groups:
-        index = select.nonzero().squeeze(1)
-        for chunk in index.split(max_sequences):
-            upper = arch.run_blocks(group_seqs[chunk], layer, arch.num_layers, group_pos[chunk])
-            logits[chunk] = arch.head(upper[:, -1]).to(logits.dtype)
-            passes += (arch.num_layers - layer) * upper.shape[0] * upper.shape[1]
-    return Decoded(logits, passes)
+    if bool(at_start.any()):  # position 0 has no earlier start token: `[h_0]` alone
+        groups.append((at_start, x.states[:, None], torch.zeros_like(positions)[:, None]))
+    return [
+        _Climb(layer, chunk, group_seqs[chunk], group_pos[chunk])
+        for select, group_seqs, group_pos in groups
+        for chunk in select.nonzero().squeeze(1).split(max_sequences)
+    ]
+
+
+def _waves(climbs: list[_Climb]) -> list[list[_Climb]]:
+    """Climbs that can run as one batch: same sequence length, one chunk per layer."""
+    waves: dict[tuple[int, int], list[_Climb]] = {}
+    seen: dict[tuple[int, int], int] = {}
+    for climb in climbs:
+        key = (climb.layer, climb.seqs.shape[1])
+        chunk = seen.get(key, 0)
+        seen[key] = chunk + 1
+        waves.setdefault((climb.seqs.shape[1], chunk), []).append(climb)
+    return list(waves.values())
+
+
+def _climb_together(arch: Architecture, wave: list[_Climb]) -> list[torch.Tensor]:
+    """Last-token hidden state after block L for each climb, in the order given."""
+    order = sorted(range(len(wave)), key=lambda i: wave[i].layer)
+    hidden: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    joined = 0
+    for block in range(wave[order[0]].layer, arch.num_layers):
+        while joined < len(order) and wave[order[joined]].layer == block:
+            climb = wave[order[joined]]
+            hidden = climb.seqs if hidden is None else torch.cat([hidden, climb.seqs])
+            position_ids = (
+                climb.position_ids
+                if position_ids is None
+                else torch.cat([position_ids, climb.position_ids])
+            )
+            joined += 1
+        assert hidden is not None and position_ids is not None
+        hidden = arch.run_blocks(hidden, block, block + 1, position_ids)
+    assert hidden is not None
+    tops = hidden[:, -1].split([len(wave[i].rows) for i in order])
+    result: list[torch.Tensor] = [torch.empty(0)] * len(wave)
+    for i, top in zip(order, tops, strict=True):
+        result[i] = top
+    return result

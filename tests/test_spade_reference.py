@@ -13,8 +13,10 @@ import pytest
 import torch
 import transformers as T
 from lm_eval.api.instance import Instance
-from lmutil import STORIES, make_lm
+from lmutil import STORIES, STORY, make_lm
 
+from lm_eval_spade.architectures import architecture_for
+from lm_eval_spade.decoders import DecoderKind, LayerStates, decode, decode_layers
 from lm_eval_spade.perplexity import rolling_perplexity
 
 CONTEXT = "Once upon a time, there was a little girl named Lily. She loved to"
@@ -105,3 +107,25 @@ def test_layerwise_perplexity_spade_beats_logit_lens():
     assert ppl["spade", 5] == pytest.approx(ppl["logit_lens", 5], rel=1e-6)
     # Full depth: the mean per-token perplexity of SOURCES.md is 2.4 over these sentences.
     assert 1.5 < ppl["spade", 5] < 3.5
+
+
+@pytest.mark.parametrize("kind", [DecoderKind.SPADE, DecoderKind.SPADE_NOS])
+def test_decoding_all_layers_together_equals_one_at_a_time(kind):
+    """`decode_layers` sends every layer's sequences up together (a staircase)."""
+    model = T.AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
+    arch = architecture_for(model)
+    tokenizer = T.AutoTokenizer.from_pretrained(STORIES)
+    ids = torch.tensor([tokenizer(STORY)["input_ids"]])
+    positions = torch.arange(ids.shape[1])
+    with torch.no_grad():
+        hidden = arch.embed(ids, positions[None])
+        inputs = {}
+        for layer in range(arch.num_layers + 1):
+            inputs[layer] = LayerStates(hidden[0, [0] * len(positions)], hidden[0], positions)
+            if layer < arch.num_layers:
+                hidden = arch.run_blocks(hidden, layer, layer + 1, positions[None])
+        together = decode_layers(arch, kind, inputs, max_sequences=16)
+        for layer, x in inputs.items():
+            alone = decode(arch, kind, layer, x.start_states, x.states, x.positions)
+            assert torch.allclose(together[layer].logits, alone.logits, atol=1e-5, rtol=0)
+            assert together[layer].block_token_passes == alone.block_token_passes

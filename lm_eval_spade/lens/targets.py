@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_eval_spade.architectures import Architecture
-from lm_eval_spade.decoders import DecoderKind, SpadePositions, decode
+from lm_eval_spade.decoders import DecoderKind, LayerStates, SpadePositions, decode_layers
 
 
 @dataclass
@@ -138,22 +138,14 @@ def lspade_targets(
     rows = torch.arange(len(ids), device=padded.device)
     answer = lengths - 1
     states, ran = _states(arch, padded, layers)
-    passes = ran * int(lengths.sum())
-    out_states, log_probs = {}, {}
-    for layer in layers:
-        hidden = states[layer]
-        decoded = decode(
-            arch,
-            DecoderKind.SPADE,
-            layer,
-            start_states=hidden[rows, 0],
-            states=hidden[rows, answer],
-            positions=answer,
-            spade_positions=spade_positions,
-        )
-        out_states[layer] = hidden[rows, answer]
-        log_probs[layer] = F.log_softmax(decoded.logits.float(), dim=-1)
-        passes += decoded.block_token_passes
+    inputs = {
+        layer: LayerStates(states[layer][rows, 0], states[layer][rows, answer], answer)
+        for layer in layers
+    }
+    decoded = decode_layers(arch, DecoderKind.SPADE, inputs, spade_positions)
+    out_states = {layer: inputs[layer].states for layer in layers}
+    log_probs = {layer: F.log_softmax(decoded[layer].logits.float(), dim=-1) for layer in layers}
+    passes = ran * int(lengths.sum()) + sum(d.block_token_passes for d in decoded.values())
     return Targets(out_states, log_probs, passes, [1] * len(ids))
 
 
