@@ -7,10 +7,12 @@ that names the key, what was given and what is accepted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
 
+from lm_eval_spade.confidence import Confidence
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
 from lm_eval_spade.errors import UserInputError
 
@@ -33,63 +35,178 @@ def _int_value(key: str, value: Any) -> int:
         return value
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return int(value)
-    raise SpadeArgumentError(f"{key}={value!r} must be an integer (a layer index).")
+    raise SpadeArgumentError(f"{key}={value!r} must be an integer (a layer index or count).")
+
+
+def _float_value(key: str, value: Any) -> float:
+    if not isinstance(value, bool) and isinstance(value, int | float | str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isnan(number):
+            return number
+    raise SpadeArgumentError(
+        f"{key}={value!r} must be a number in nats (inf and -inf are allowed)."
+    )
+
+
+_LENS_DECODERS = [k.value for k in DecoderKind if k.needs_lens]
 
 
 @dataclass(frozen=True)
 class SpadeConfig:
     """How spade-exit decodes. With no field set it is the plain HF model.
 
-    - `exit_layer`: decode every scored position from `h^exit_layer` (0..L; L is the
-      full model, 0 the embeddings).
-    - `decoder`: which decoder maps `h^exit_layer` to logits (default `spade`).
-    - `spade_positions`: position ids of the SPADE pair, `original` `(0, i)` or
-      `compact` `(0, 1)`.
+    Fixed layer:
+    - `exit_layer`: decode every scored position from `h^exit_layer` (0..L).
+
+    Adaptive (SPADE-EXIT):
+    - `threshold`: exit a request at the first check where its uncertainty at the answer
+      position is at most this many nats (`-inf`: never; `inf`: at the first check);
+    - `interval`, `min_layer`: checks at layers `min_layer, min_layer + interval, ...`
+      below L (`min_layer` defaults to `interval`);
+    - `confidence`: `entropy` (the paper's), `margin` or `maxprob` (see `confidence.py`);
+    - `confidence_decoder`: what the uncertainty is computed from: `lspade` (default,
+      needs `lens`), `tuned_lens` (needs `lens`) or `logit_lens`;
+    - `exit_log`: a file that gets one JSON line per request (task, doc, exit, confidence).
+
+    Both modes:
+    - `decoder`: decodes the scored positions at the exit layer (default `spade`);
+    - `spade_positions`: the SPADE pair's position ids, `original` `(0, i)` or `compact`;
     - `lens`: directory of a trained lens (`lm-eval-spade train-lens`, or a tuned-lens
-      checkpoint), for `decoder=lspade` and `decoder=tuned_lens`.
+      checkpoint), for the `lspade` / `tuned_lens` decoders.
     """
 
     decoder: DecoderKind | None = None
     exit_layer: int | None = None
     spade_positions: SpadePositions = SpadePositions.ORIGINAL
     lens: str | None = None
+    threshold: float | None = None
+    interval: int = 1
+    min_layer: int | None = None
+    confidence: Confidence = Confidence.ENTROPY
+    confidence_decoder: DecoderKind | None = None
+    exit_log: str | None = None
 
     @classmethod
-    def from_model_args(
-        cls,
-        decoder: Any = None,
-        exit_layer: Any = None,
-        spade_positions: Any = SpadePositions.ORIGINAL.value,
-        lens: Any = None,
-    ) -> SpadeConfig:
-        kind = None if decoder is None else _enum_value(DecoderKind, "decoder", decoder)
-        layer = None if exit_layer is None else _int_value("exit_layer", exit_layer)
-        if kind is not None and layer is None:
-            raise SpadeArgumentError(
-                f"decoder={kind.value} needs a layer to decode from: add exit_layer=K "
-                "(0 <= K <= number of blocks)."
+    def from_model_args(cls, **args: Any) -> SpadeConfig:
+        unknown = set(args) - set(SPADE_MODEL_ARGS)
+        if unknown:
+            raise SpadeArgumentError(f"unknown spade-exit settings: {sorted(unknown)}.")
+        given = {k for k, v in args.items() if v is not None}
+        fields: dict[str, Any] = {}
+        if "decoder" in given:
+            fields["decoder"] = _enum_value(DecoderKind, "decoder", args["decoder"])
+        if "exit_layer" in given:
+            fields["exit_layer"] = _int_value("exit_layer", args["exit_layer"])
+        if "spade_positions" in given:
+            fields["spade_positions"] = _enum_value(
+                SpadePositions, "spade_positions", args["spade_positions"]
             )
-        if layer is not None and kind is None:
-            kind = DecoderKind.SPADE
-        positions = _enum_value(SpadePositions, "spade_positions", spade_positions)
-        lens = None if lens is None else str(lens)
-        lens_decoders = [k.value for k in DecoderKind if k.needs_lens]
-        if kind is not None and kind.needs_lens and lens is None:
-            raise SpadeArgumentError(
-                f"decoder={kind.value} decodes through a trained lens: add lens=DIR (made by "
-                f"`lm-eval-spade train-lens --kind {kind.value}`)."
+        for key in ("lens", "exit_log"):
+            if key in given:
+                fields[key] = str(args[key])
+        if "threshold" in given:
+            fields["threshold"] = _float_value("threshold", args["threshold"])
+        for key in ("interval", "min_layer"):
+            if key in given:
+                fields[key] = _int_value(key, args[key])
+        if "confidence" in given:
+            fields["confidence"] = _enum_value(Confidence, "confidence", args["confidence"])
+        if "confidence_decoder" in given:
+            fields["confidence_decoder"] = _enum_value(
+                DecoderKind, "confidence_decoder", args["confidence_decoder"]
             )
-        if lens is not None and (kind is None or not kind.needs_lens):
+        config = cls(**fields)
+        config._check(given)
+        return config._with_defaults()
+
+    def _check(self, given: set[str]) -> None:
+        adaptive_only = sorted(
+            given & {"interval", "min_layer", "confidence", "confidence_decoder", "exit_log"}
+        )
+        if self.threshold is None and adaptive_only:
             raise SpadeArgumentError(
-                f"lens={lens} is only used by decoder={' or decoder='.join(lens_decoders)}; "
-                "set one of those (with exit_layer=K) or drop lens."
+                f"{', '.join(adaptive_only)} only apply to adaptive exits: add threshold=NATS "
+                "(or drop them)."
             )
-        return cls(decoder=kind, exit_layer=layer, spade_positions=positions, lens=lens)
+        if self.exit_layer is not None and self.threshold is not None:
+            raise SpadeArgumentError(
+                "exit_layer fixes the exit layer and threshold makes it adaptive; give one of "
+                "them, not both."
+            )
+        if self.decoder is not None and not self.active:
+            raise SpadeArgumentError(
+                f"decoder={self.decoder.value} needs a layer to decode from: add exit_layer=K "
+                "(0 <= K <= number of blocks) or threshold=NATS for adaptive exits."
+            )
+        if self.interval < 1:
+            raise SpadeArgumentError(
+                f"interval={self.interval} must be at least 1 (check every N blocks)."
+            )
+        confidence = self.confidence_decoder
+        if confidence is not None and confidence not in (
+            DecoderKind.LSPADE, DecoderKind.TUNED_LENS, DecoderKind.LOGIT_LENS
+        ):  # fmt: skip
+            raise SpadeArgumentError(
+                f"confidence_decoder={confidence.value} is not valid; choose one of: lspade, "
+                "tuned_lens, logit_lens (SPADE itself is what exiting saves)."
+            )
+        if self.threshold is not None and self.lens is None and confidence is None:
+            raise SpadeArgumentError(
+                "threshold needs a confidence source: add lens=DIR (an L-SPADE lens from "
+                "`lm-eval-spade train-lens --kind lspade`, the paper's choice) or "
+                "confidence_decoder=logit_lens."
+            )
+        users = [k for k in (self.decoder, confidence) if k is not None and k.needs_lens]
+        if users and self.lens is None:
+            raise SpadeArgumentError(
+                f"decoder={users[0].value} decodes through a trained lens: add lens=DIR (made "
+                f"by `lm-eval-spade train-lens --kind {users[0].value}`)."
+            )
+        if len({k.value for k in users}) > 1:
+            raise SpadeArgumentError(
+                "decoder and confidence_decoder ask for lenses of two kinds "
+                f"({users[0].value}, {users[1].value}), but there is one lens=; use one kind."
+            )
+        if self.lens is not None and not users and self.threshold is None:
+            raise SpadeArgumentError(
+                f"lens={self.lens} is only used by decoder={' or decoder='.join(_LENS_DECODERS)}"
+                " or by adaptive exits (threshold=...); set one of those or drop lens."
+            )
+
+    def _with_defaults(self) -> SpadeConfig:
+        fields = asdict(self)
+        if self.active and self.decoder is None:
+            fields["decoder"] = DecoderKind.SPADE
+        if self.threshold is not None:
+            if self.confidence_decoder is None:  # the lens's kind: one lens serves both
+                decoder = self.decoder
+                fields["confidence_decoder"] = (
+                    decoder if decoder is not None and decoder.needs_lens else DecoderKind.LSPADE
+                )
+            if self.min_layer is None:
+                fields["min_layer"] = self.interval
+        return SpadeConfig(**fields)
 
     @property
     def active(self) -> bool:
-        """Whether decoding differs from the plain model (else spade-exit is `hf`)."""
-        return self.exit_layer is not None
+        """Whether any exit setting is given (else spade-exit is `hf`)."""
+        return self.exit_layer is not None or self.threshold is not None
+
+    @property
+    def never_exits(self) -> bool:
+        """`threshold=-inf`: no uncertainty passes, so every request is plain HFLM's."""
+        return self.threshold == -math.inf
+
+    @property
+    def lens_kind(self) -> DecoderKind | None:
+        """The decoder kind the lens must be trained for, if a lens is used."""
+        for kind in (self.decoder, self.confidence_decoder):
+            if kind is not None and kind.needs_lens:
+                return kind
+        return None
 
     def check_layers(self, num_layers: int) -> None:
         if self.exit_layer is not None and not 0 <= self.exit_layer <= num_layers:
@@ -98,9 +215,30 @@ class SpadeConfig:
                 f"blocks, so exit_layer must be between 0 (embeddings) and {num_layers} "
                 "(full model)."
             )
+        if self.min_layer is not None and not 0 <= self.min_layer < num_layers:
+            raise SpadeArgumentError(
+                f"min_layer={self.min_layer} is out of range: checks happen below the last "
+                f"of this model's {num_layers} blocks, so 0 <= min_layer <= {num_layers - 1}."
+            )
+
+    def check_schedule(self, num_layers: int) -> tuple[int, ...]:
+        """The layers where the exit rule is applied, ascending, all below L."""
+        if self.exit_layer is not None:
+            return (self.exit_layer,) if self.exit_layer < num_layers else ()
+        if self.threshold is None:
+            return ()
+        assert self.min_layer is not None
+        return tuple(range(self.min_layer, num_layers, self.interval))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(self).items()}
+        def plain(value: Any) -> Any:
+            if isinstance(value, Enum):
+                return value.value
+            if isinstance(value, float) and math.isinf(value):
+                return str(value)  # JSON has no infinity
+            return value
+
+        return {k: plain(v) for k, v in asdict(self).items()}
 
 
 SPADE_MODEL_ARGS: tuple[str, ...] = tuple(SpadeConfig.__dataclass_fields__)

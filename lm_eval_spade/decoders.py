@@ -58,7 +58,11 @@ class Decoded:
     """Logits for the requested positions, and the block-token passes spent on them."""
 
     logits: torch.Tensor  # [k, vocab]
-    block_token_passes: int
+    passes: torch.Tensor  # [k]: block-token passes spent above the layer, per position
+
+    @property
+    def block_token_passes(self) -> int:
+        return int(self.passes.sum())
 
 
 @dataclass
@@ -119,12 +123,13 @@ def decode_layers(
     out: dict[int, Decoded] = {}
     climbs: list[_Climb] = []
     for layer, x in inputs.items():
+        free = torch.zeros(x.states.shape[0], dtype=torch.long, device=x.states.device)
         if kind is DecoderKind.LOGIT_LENS or layer == arch.num_layers:
-            out[layer] = Decoded(arch.head(x.states), 0)
+            out[layer] = Decoded(arch.head(x.states), free)
         elif kind.needs_lens:
             if lens is None:
                 raise ValueError(f"decoder {kind.value} needs a trained lens")
-            out[layer] = Decoded(lens.logits(arch, x.states, layer), 0)
+            out[layer] = Decoded(lens.logits(arch, x.states, layer), free)
         else:
             climbs += _climbs(kind, layer, x, spade_positions, max_sequences)
     if not climbs:
@@ -138,11 +143,14 @@ def decode_layers(
         for layer, x in inputs.items()
         if layer not in out
     }
-    passes = dict.fromkeys(logits, 0)
+    passes = {
+        layer: torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        for layer, x in logits.items()
+    }
     for wave in _waves(climbs):
         for climb, top in zip(wave, _climb_together(arch, wave), strict=True):
             logits[climb.layer][climb.rows] = arch.head(top).to(logits[climb.layer].dtype)
-            passes[climb.layer] += (arch.num_layers - climb.layer) * climb.seqs[:, :, 0].numel()
+            passes[climb.layer][climb.rows] = (arch.num_layers - climb.layer) * climb.seqs.shape[1]
     out.update({layer: Decoded(logits[layer], passes[layer]) for layer in logits})
     return out
 

@@ -1,20 +1,27 @@
-"""`spade-exit`: lm-eval's HF model, scoring through the decoders of `SPADE.md`.
+"""`spade-exit`: lm-eval's HF model, scoring through the decoders and exits of `SPADE.md`.
 
-With no spade setting it *is* `HFLM`: every request goes through HFLM's own code, so
-results equal `--model hf` exactly. With `exit_layer=K`, `_loglikelihood_tokens` (which
-both `loglikelihood` and `loglikelihood_rolling` go through) runs the blocks up to K once
-per batch and decodes only the scored positions from `h^K`. HFLM's batching, sorting,
-truncation and one-forward-per-context grouping for one-token continuations are kept.
+With no spade setting (or `threshold=-inf`, which no request can pass) it *is* `HFLM`:
+every request goes through HFLM's own code, so results equal `--model hf` exactly.
+Otherwise `_loglikelihood_tokens` (which both `loglikelihood` and
+`loglikelihood_rolling` go through) runs each batch block by block (`exiting.py`): rows
+leave the batch at a fixed `exit_layer`, or where their confidence passes `threshold`,
+and only their scored positions are decoded. HFLM's batching, sorting, truncation and
+one-forward-per-context grouping for one-token continuations are kept.
+
+Every request's exit is recorded (and gathered across processes under `accelerate
+launch`), for the per-task statistics in the results JSON and for `exit_log`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from lm_eval import utils as lm_utils
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
@@ -24,11 +31,12 @@ from tqdm import tqdm
 
 from lm_eval_spade import __version__
 from lm_eval_spade.architectures import Architecture, architecture_for
-from lm_eval_spade.config import SpadeArgumentError, SpadeConfig
-from lm_eval_spade.decoders import decode
+from lm_eval_spade.config import SPADE_MODEL_ARGS, SpadeArgumentError, SpadeConfig
+from lm_eval_spade.decoders import DecoderKind
+from lm_eval_spade.exiting import ExitPlan, RowExit, score_rows
 from lm_eval_spade.lens import Lens, LensCheckpointError, LensKind, load_lens
 from lm_eval_spade.model_args import check_model_args
-from lm_eval_spade.stats import ExitStats
+from lm_eval_spade.stats import ExitStats, RequestExit
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +54,39 @@ def _group_key(req: TokenRequest) -> list[int]:
     return req[-2] + req[-1][:-1]
 
 
+def _first_occurrences(requests: list[Instance]) -> tuple[list[Instance], list[int]]:
+    """Distinct Instances, and for each request the index of its distinct one.
+
+    lm-eval evens out the ranks of a multi-process run by repeating an Instance object;
+    scoring it once keeps it out of the exit statistics and saves the work.
+    """
+    first: dict[int, int] = {}
+    unique: list[Instance] = []
+    index = []
+    for req in requests:
+        if id(req) not in first:
+            first[id(req)] = len(unique)
+            unique.append(req)
+        index.append(first[id(req)])
+    return unique, index
+
+
 @register_model("spade-exit")
 class SpadeExitLM(HFLM):
-    """HFLM whose scored positions are decoded from an intermediate layer.
+    """HFLM whose scored positions are decoded from an intermediate layer, fixed or
+    chosen per request by SPADE-EXIT.
 
-    Accepts every HFLM model_arg, plus `decoder`, `exit_layer`, `spade_positions` and
-    `lens` (see `SpadeConfig`).
+    Accepts every HFLM model_arg, plus the settings of `SpadeConfig`.
     """
 
     def __init__(self, pretrained: Any, **kwargs: Any) -> None:
         check_model_args(pretrained, kwargs)
-        spade_args = {
-            k: kwargs.pop(k) for k in list(kwargs) if k in SpadeConfig.__dataclass_fields__
-        }
+        spade_args = {k: kwargs.pop(k) for k in list(kwargs) if k in SPADE_MODEL_ARGS}
         self.spade = SpadeConfig.from_model_args(**spade_args)
         super().__init__(pretrained=pretrained, **kwargs)
         self.arch: Architecture | None = None
+        self.lens: Lens | None = None
+        self.plan: ExitPlan | None = None
         if self.spade.active:
             if self.backend != "causal":
                 raise SpadeArgumentError(
@@ -70,69 +95,151 @@ class SpadeExitLM(HFLM):
                 )
             self.arch = architecture_for(self.model)
             self.spade.check_layers(self.arch.num_layers)
-        self.lens: Lens | None = None
-        if self.spade.lens is not None:
-            self.lens = self._load_lens()
-        self.exit_stats: dict[str, ExitStats] = {}
-        self._task: str = "unknown"
+            if self.spade.lens is not None:
+                self.lens = self._load_lens()
+            self.plan = self._exit_plan()
+        #: Every request scored so far (all processes), with its task, doc and exit.
+        self.exits: list[dict[str, Any]] = []
+        self._row_exits: list[RequestExit] = []
+        self._rolling = False
+        self._exit_log = self._start_exit_log()
 
-    def _load_lens(self) -> Lens:
-        """The lens of `lens=`, checked against this model and the exit layer."""
-        assert self.arch is not None and self.spade.decoder is not None
-        try:
-            lens = load_lens(self.spade.lens, self.arch, LensKind(self.spade.decoder.value))
-        except LensCheckpointError as err:
-            raise SpadeArgumentError(str(err)) from err
-        layer = self.spade.exit_layer
-        if layer is not None and layer < self.arch.num_layers and layer not in lens.layers:
-            raise SpadeArgumentError(
-                f"exit_layer={layer}: the lens at {self.spade.lens} has translators for layers "
-                f"{lens.layers} only. Pick one of those, or train one that covers {layer} "
-                f"(`lm-eval-spade train-lens --layers {layer} ...`)."
-            )
-        return lens
-
-    # --- request entry points: track which task is being scored ------------------------
-    def loglikelihood(
-        self, requests: list[Instance], disable_tqdm: bool = False
-    ) -> list[tuple[float, bool]]:
-        return self._per_task(super().loglikelihood, requests, disable_tqdm)
-
-    def loglikelihood_rolling(
-        self, requests: list[Instance], disable_tqdm: bool = False
-    ) -> list[float]:
-        return self._per_task(super().loglikelihood_rolling, requests, disable_tqdm)
-
-    def _per_task(
-        self, score: Callable[..., list[Any]], requests: list[Instance], disable_tqdm: bool
-    ) -> list[Any]:
-        """Score each task's requests on their own, so exit statistics are per task.
-
-        A request's score does not depend on what it is batched with, so splitting by
-        task changes no number.
-        """
-        by_task: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):
-            by_task.setdefault(req.task_name or "unknown", []).append(i)
-        results: list[Any] = [None] * len(requests)
-        for task, indices in by_task.items():
-            self._task = task
-            scored = score([requests[i] for i in indices], disable_tqdm=disable_tqdm)
-            for i, value in zip(indices, scored, strict=True):
-                results[i] = value
-            if not self.spade.active:
-                self._stats().add_requests(self._full_depth(), len(indices))
-        return results
-
-    def _stats(self) -> ExitStats:
-        if self._task not in self.exit_stats:
-            self.exit_stats[self._task] = ExitStats(num_layers=self._full_depth())
-        return self.exit_stats[self._task]
+    @property
+    def _delegates(self) -> bool:
+        """Whether requests go through HFLM unchanged."""
+        return not self.spade.active or self.spade.never_exits
 
     def _full_depth(self) -> int:
         if self.arch is not None:
             return self.arch.num_layers
         return int(self.config.get_text_config().num_hidden_layers)
+
+    def _exit_plan(self) -> ExitPlan:
+        spade = self.spade
+        assert self.arch is not None and spade.decoder is not None
+        return ExitPlan(
+            checks=spade.check_schedule(self.arch.num_layers),
+            decoder=spade.decoder,
+            spade_positions=spade.spade_positions,
+            threshold=spade.threshold,
+            confidence=spade.confidence,
+            confidence_decoder=spade.confidence_decoder or DecoderKind.LOGIT_LENS,
+            lens=self.lens,
+        )
+
+    def _load_lens(self) -> Lens:
+        """The lens of `lens=`, checked against this model and the layers it must serve."""
+        assert self.arch is not None and self.spade.lens is not None
+        kind = self.spade.lens_kind
+        try:
+            lens = load_lens(self.spade.lens, self.arch, LensKind(kind.value) if kind else None)
+        except LensCheckpointError as err:
+            raise SpadeArgumentError(str(err)) from err
+        needed = sorted(set(self.spade.check_schedule(self.arch.num_layers)) - set(lens.layers))
+        if needed:
+            what = "exit_layer" if self.spade.exit_layer is not None else "the checks"
+            raise SpadeArgumentError(
+                f"the lens at {self.spade.lens} has translators for layers {lens.layers} only, "
+                f"but {what} need{'s' if what == 'exit_layer' else ''} layers {needed}. Train "
+                f"one that covers them (`lm-eval-spade train-lens --layers ...`), or change "
+                "exit_layer / min_layer / interval."
+            )
+        return lens
+
+    def _start_exit_log(self) -> Path | None:
+        if self.spade.exit_log is None:
+            return None
+        path = Path(self.spade.exit_log)
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+        return path
+
+    # --- request entry points -------------------------------------------------------
+    def loglikelihood(
+        self, requests: list[Instance], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
+        return self._score(super().loglikelihood, requests, disable_tqdm, rolling=False)
+
+    def loglikelihood_rolling(
+        self, requests: list[Instance], disable_tqdm: bool = False
+    ) -> list[float]:
+        return self._score(super().loglikelihood_rolling, requests, disable_tqdm, rolling=True)
+
+    def _score(
+        self,
+        score: Callable[..., list[Any]],
+        requests: list[Instance],
+        disable_tqdm: bool,
+        rolling: bool,
+    ) -> list[Any]:
+        unique, index = _first_occurrences(requests)
+        self._rolling, self._row_exits = rolling, []
+        results = score(unique, disable_tqdm=disable_tqdm)
+        self._record(unique, self._request_exits(unique, rolling))
+        return [results[i] for i in index]
+
+    def _request_exits(self, requests: list[Instance], rolling: bool) -> list[RequestExit]:
+        """One exit per request, from the exits of the forwards that served it."""
+        if self._delegates:
+            return [RequestExit(self._full_depth()) for _ in requests]
+        if not rolling:
+            assert len(self._row_exits) == len(requests)
+            return self._row_exits
+        # HFLM splits a rolling request into windows (one forward each) and scores all
+        # windows of all requests together, in order; extra windows at the end are the
+        # padding of multi-process runs. A request takes its first window's exit.
+        windows = iter(self._row_exits)
+        merged = []
+        for req in requests:
+            parts = [next(windows) for _ in range(self._window_count(req.args[0]))]
+            merged.append(
+                RequestExit(
+                    parts[0].exit_layer,
+                    parts[0].confidence,
+                    sum(p.passes_run for p in parts),
+                    sum(p.passes_full for p in parts),
+                    sum(p.checks for p in parts),
+                )
+            )
+        return merged
+
+    def _window_count(self, text: str) -> int:
+        """How many windows `HFLM.loglikelihood_rolling` makes of `text`."""
+        windows = lm_utils.get_rolling_token_windows(
+            token_list=self.tok_encode(text),
+            prefix_token=self.prefix_token_id,
+            max_seq_len=self.max_length,
+            context_len=1,
+        )
+        return sum(1 for _ in windows)
+
+    def _record(self, requests: list[Instance], exits: list[RequestExit]) -> None:
+        local = [
+            {"task": req.task_name, "doc_id": req.doc_id, "idx": req.idx, **exit.to_dict()}
+            for req, exit in zip(requests, exits, strict=True)
+        ]
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(parts, local)
+            local = [record for part in parts for record in part]
+        self.exits.extend(local)
+        if self._exit_log is not None and self.rank == 0:
+            keys = ("task", "doc_id", "idx", "exit_layer", "confidence")
+            with self._exit_log.open("a") as f:
+                for record in local:
+                    f.write(json.dumps({k: record[k] for k in keys}) + "\n")
+
+    @property
+    def exit_stats(self) -> dict[str, ExitStats]:
+        """Per task: exit layers, compute and checks of every request scored so far."""
+        stats: dict[str, ExitStats] = {}
+        fields = RequestExit.__dataclass_fields__
+        for record in self.exits:
+            task = record["task"] or "unknown"
+            stats.setdefault(task, ExitStats(num_layers=self._full_depth()))
+            stats[task].add(RequestExit(**{k: record[k] for k in fields}))
+        return stats
 
     # --- scoring ----------------------------------------------------------------------
     def _loglikelihood_tokens(
@@ -141,7 +248,7 @@ class SpadeExitLM(HFLM):
         disable_tqdm: bool = False,
         override_bs: int | None = None,
     ) -> list[tuple[float, bool]]:
-        if not self.spade.active:
+        if self._delegates:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         re_ord = Collator(
             requests,
@@ -152,21 +259,28 @@ class SpadeExitLM(HFLM):
         batch_size = self.batch_size
         if batch_size == "auto":
             batch_size = override_bs or self._detect_batch_size(requests)
-        res: list[tuple[float, bool]] = []
-        pbar = tqdm(
-            total=len(requests),
-            disable=disable_tqdm or self.rank != 0,
-            desc=f"Scoring at layer {self.spade.exit_layer} ({self.spade.decoder.value})",
-        )
+        decided: dict[tuple[int, ...], int] = {}
+        res: list[tuple[tuple[float, bool], RequestExit]] = []
+        pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc=self._desc())
         for chunk in re_ord.get_batched(n=batch_size):
-            for answer in self._score_chunk(chunk, re_ord):
+            for answer in self._score_chunk(chunk, re_ord, decided):
                 res.append(answer)
                 pbar.update(1)
         pbar.close()
-        return re_ord.get_original(res)
+        ordered = re_ord.get_original(res)
+        self._row_exits.extend(exit for _, exit in ordered)
+        return [answer for answer, _ in ordered]
 
-    def _score_chunk(self, chunk: Sequence[TokenRequest], re_ord: Collator):
-        """Yield `(logprob, is_greedy)` for every request the chunk's forwards serve."""
+    def _desc(self) -> str:
+        spade = self.spade
+        if spade.exit_layer is not None:
+            return f"Scoring at layer {spade.exit_layer} ({spade.decoder.value})"
+        return f"SPADE-EXIT ({spade.confidence.value} <= {spade.threshold} nats)"
+
+    def _score_chunk(
+        self, chunk: Sequence[TokenRequest], re_ord: Collator, decided: dict
+    ) -> Iterator[tuple[tuple[float, bool], RequestExit]]:
+        """Yield the answer and exit of every request the chunk's forwards serve."""
         inputs, cont_lens = [], []
         for _, context_enc, continuation_enc in chunk:
             tokens = (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1]
@@ -180,36 +294,45 @@ class SpadeExitLM(HFLM):
             inputs.append(torch.tensor(tokens, dtype=torch.long, device=self.device))
             cont_lens.append(len(continuation_enc))
         input_lens = [len(t) for t in inputs]
-        log_probs = self._decode_scored(inputs, input_lens, cont_lens)
-        for (request_str, context_enc, cont_toks), logits in zip(chunk, log_probs, strict=True):
-            logits = logits.unsqueeze(0)  # [1, cont_len, vocab]
+        rows = self._score_rows(inputs, input_lens, cont_lens, decided)
+        for (request_str, context_enc, cont_toks), row, n in zip(
+            chunk, rows, input_lens, strict=True
+        ):
+            logits = row.log_probs.unsqueeze(0)  # [1, cont_len, vocab]
             greedy = logits.argmax(dim=-1)
-            hits = re_ord.get_cache(
-                req_str=request_str, cxt_toks=context_enc, cont_toks=cont_toks, logits=logits
+            hits = list(
+                re_ord.get_cache(
+                    req_str=request_str, cxt_toks=context_enc, cont_toks=cont_toks, logits=logits
+                )
+            )
+            share = 1.0 / len(hits)
+            exit = RequestExit(
+                row.exit_layer,
+                row.confidence,
+                row.block_token_passes * share,
+                self._full_depth() * n * share,
+                row.checks * share,
             )
             for hit_str, hit_cont, hit_logits in hits:
                 cont = torch.tensor(hit_cont, dtype=torch.long, device=self.device)[None]
                 is_greedy = bool((greedy[:, -cont.shape[1] :] == cont).all())
                 picked = torch.gather(hit_logits, 2, cont.unsqueeze(-1)).squeeze(-1)
                 answer = (float(picked.sum()), is_greedy)
-                self._stats().add_requests(self.spade.exit_layer)
                 if hit_str is not None:
                     self.cache_hook.add_partial("loglikelihood", hit_str, answer)
-                yield answer
+                yield answer, exit
 
-    def _decode_scored(
-        self, inputs: list[torch.Tensor], input_lens: list[int], cont_lens: list[int]
-    ) -> list[torch.Tensor]:
-        """Log-probs `[cont_len, vocab]` per row, decoded at `exit_layer`."""
-        arch, layer = self.arch, self.spade.exit_layer
-        assert arch is not None and layer is not None
-        ids = pad_and_concat(max(input_lens), inputs, padding_side="right")
-        self._check_start_tokens(ids)
-        positions = torch.arange(ids.shape[1], device=ids.device)[None]
-        rows = torch.cat([torch.full((c,), r) for r, c in enumerate(cont_lens)]).to(ids.device)
-        scored = torch.cat(
-            [torch.arange(n - c, n) for n, c in zip(input_lens, cont_lens, strict=True)]
-        ).to(ids.device)
+    def _score_rows(
+        self,
+        inputs: list[torch.Tensor],
+        input_lens: list[int],
+        cont_lens: list[int],
+        decided: dict,
+    ) -> list[RowExit]:
+        assert self.arch is not None and self.plan is not None
+        ids = pad_and_concat(max(input_lens), list(inputs), padding_side="right")
+        if self.plan.checks:
+            self._check_start_tokens(ids)
         with (
             torch.no_grad(),
             torch.autocast(
@@ -218,35 +341,33 @@ class SpadeExitLM(HFLM):
                 enabled=self.mixed_precision_dtype is not None,
             ),
         ):
-            hidden = arch.run_blocks(arch.embed(ids, positions), 0, layer, positions)
-            decoded = decode(
-                arch,
-                self.spade.decoder,
-                layer,
-                start_states=hidden[rows, 0],
-                states=hidden[rows, scored],
-                positions=scored,
-                spade_positions=self.spade.spade_positions,
-                lens=self.lens,
+            return score_rows(
+                self.arch,
+                self.plan,
+                ids,
+                input_lens,
+                cont_lens,
+                decided,
+                rolling=self._rolling,
+                softmax_dtype=self.softmax_dtype,
             )
-        log_probs = F.log_softmax(decoded.logits, dim=-1, dtype=self.softmax_dtype)
-        self._stats().add_forward(sum(input_lens), layer, decoded.block_token_passes)
-        return list(log_probs.split(cont_lens))
 
     def _check_start_tokens(self, ids: torch.Tensor) -> None:
         """SPADE pairs every position with position 0, which must be a start token."""
-        if not self.spade.decoder.needs_start_token:
+        decoder = self.spade.decoder
+        assert decoder is not None
+        if not decoder.needs_start_token:
             return
         starts = {t for t in (self.tokenizer.bos_token_id, self.prefix_token_id) if t is not None}
         first = ids[:, 0].tolist()
         bad = [t for t in first if t not in starts]
         if bad:
             raise SpadeArgumentError(
-                f"decoder={self.spade.decoder.value} needs a start token at position 0, but a "
-                f"request starts with token {bad[0]} ({self.tokenizer.decode([bad[0]])!r}) "
-                f"instead of {sorted(starts)}. Add add_bos_token=True to --model_args so the "
-                "tokenizer prepends one (documents longer than max_length are split into "
-                f"windows without one: raise max_length above {self.max_length}), or use "
+                f"decoder={decoder.value} needs a start token at position 0, but a request "
+                f"starts with token {bad[0]} ({self.tokenizer.decode([bad[0]])!r}) instead of "
+                f"{sorted(starts)}. Add add_bos_token=True to --model_args so the tokenizer "
+                "prepends one (documents longer than max_length are split into windows "
+                f"without one: raise max_length above {self.max_length}), or use "
                 "decoder=spade_nos, which needs no start token."
             )
 

@@ -1,42 +1,52 @@
-"""Per-task exit statistics and the compute fraction of `SPADE.md`.
+"""Per-request exits and per-task statistics, with the compute fraction of `SPADE.md`.
 
 The compute fraction counts block-token passes: a full pass over `n` tokens costs
 `L * n`; exiting at layer `l` and decoding `k` positions with SPADE costs
 `l * n + (L - l) * 2 * k`. A task's fraction is its total passes run over the total a
 full-depth run of the same forwards would take, so long requests weigh more, as they do
-in wall-clock time.
+in wall-clock time. Where one forward serves several requests (lm-eval scores all
+one-token answers of a context in one row), its cost is shared among them equally.
+Confidence checks (a translator and a head at one position each) are counted apart.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
 @dataclass
+class RequestExit:
+    """Where one request exited, how sure it was, and its share of what it cost."""
+
+    exit_layer: int
+    confidence: float | None = None  # uncertainty (nats) at the last check, if any
+    passes_run: float = 0.0
+    passes_full: float = 0.0
+    checks: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class ExitStats:
-    """What one task's requests cost, accumulated as they are scored."""
+    """What one task's requests cost, accumulated from their exits."""
 
     num_layers: int
     requests: int = 0
     exit_layers: Counter[int] = field(default_factory=Counter)
-    passes_run: int = 0
-    passes_full: int = 0
+    passes_run: float = 0.0
+    passes_full: float = 0.0
+    checks: float = 0.0
 
-    def add_forward(self, n_tokens: int, exit_layer: int, upper_passes: int) -> None:
-        """Forwards over `n_tokens` in all, stopped at `exit_layer`, plus decoding cost.
-
-        `upper_passes` is what decoding spent in blocks above `exit_layer` (SPADE's
-        `(L - l) * 2` per decoded position); padding is not counted, as SPADE.md counts
-        a request's own tokens.
-        """
-        self.passes_run += exit_layer * n_tokens + upper_passes
-        self.passes_full += self.num_layers * n_tokens
-
-    def add_requests(self, exit_layer: int, count: int = 1) -> None:
-        self.requests += count
-        self.exit_layers[exit_layer] += count
+    def add(self, exit: RequestExit) -> None:
+        self.requests += 1
+        self.exit_layers[exit.exit_layer] += 1
+        self.passes_run += exit.passes_run
+        self.passes_full += exit.passes_full
+        self.checks += exit.checks
 
     @property
     def compute_fraction(self) -> float:
@@ -56,6 +66,7 @@ class ExitStats:
             "mean_exit_layer": self.mean_exit_layer,
             "exit_layer_histogram": {str(k): self.exit_layers[k] for k in layers},
             "compute_fraction": self.compute_fraction,
-            "block_token_passes": self.passes_run,
-            "block_token_passes_full": self.passes_full,
+            "block_token_passes": round(self.passes_run),
+            "block_token_passes_full": round(self.passes_full),
+            "confidence_checks": round(self.checks),
         }
