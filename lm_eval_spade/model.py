@@ -84,6 +84,7 @@ class SpadeExitLM(HFLM):
         spade_args = {k: kwargs.pop(k) for k in list(kwargs) if k in SPADE_MODEL_ARGS}
         self.spade = SpadeConfig.from_model_args(**spade_args)
         super().__init__(pretrained=pretrained, **kwargs)
+        self._shard_cpu_processes()
         self.arch: Architecture | None = None
         self.lens: Lens | None = None
         self.plan: ExitPlan | None = None
@@ -103,6 +104,20 @@ class SpadeExitLM(HFLM):
         self._row_exits: list[RequestExit] = []
         self._rolling = False
         self._exit_log = self._start_exit_log()
+
+    def _shard_cpu_processes(self) -> None:
+        """Data parallelism over CPU processes started by `accelerate launch`.
+
+        HFLM splits requests over processes only when each has a GPU; on CPU every
+        process would evaluate everything. HFLM keeps its `Accelerator` whenever there is
+        more than one process, so take rank and world size from it.
+        """
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is None or self.world_size > 1 or self.device.type != "cpu":
+            return
+        self._rank = accelerator.process_index
+        self._world_size = accelerator.num_processes
+        logger.info("data parallel on CPU: process %d of %d", self._rank, self._world_size)
 
     @property
     def _delegates(self) -> bool:
