@@ -19,14 +19,23 @@ SENTENCES = [  # the story sentences of ../shared/models/SOURCES.md
 ]
 
 
-def arc_prompts(path: Path, limit: int | None = None) -> list[str]:
-    """ARC questions in the letter-answer format: options listed, answer after `Answer:`."""
-    prompts = []
-    for line in path.read_text().splitlines()[:limit]:
+def arc_questions(
+    path: Path, limit: int | None = None, offset: int = 0
+) -> list[tuple[str, list[str]]]:
+    """ARC questions in the letter-answer format (options listed, answer after
+    `Answer:`), each with its option letters."""
+    questions = []
+    end = None if limit is None else offset + limit
+    for line in path.read_text().splitlines()[offset:end]:
         question = json.loads(line)["question"]
         options = "".join(f"{c['label']}. {c['text']}\n" for c in question["choices"])
-        prompts.append(f"Question: {question['stem']}\n{options}Answer:")
-    return prompts
+        labels = [c["label"] for c in question["choices"]]
+        questions.append((f"Question: {question['stem']}\n{options}Answer:", labels))
+    return questions
+
+
+def arc_prompts(path: Path, limit: int | None = None) -> list[str]:
+    return [prompt for prompt, _ in arc_questions(path, limit)]
 
 
 def write_result(name: str, title: str, intro: str, *tables: str) -> None:

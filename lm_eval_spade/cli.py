@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Early-exit evaluation with SPADE for lm-evaluation-harness. Evaluate with "
             "lm-eval's own command: `lm_eval --model spade-exit --model_args "
             "pretrained=MODEL,exit_layer=K[,decoder=spade|spade_nos|logit_lens|lspade|tuned_lens]"
-            "[,lens=DIR][,spade_positions=original|compact] --tasks ...`. Without exit settings "
+            "[,lens=DIR][,spade_positions=original|compact] --tasks ...`, or adaptive exits "
+            "(SPADE-EXIT) with `threshold=NATS,lens=LSPADE_DIR[,interval=N,min_layer=K,"
+            "confidence=entropy|margin|maxprob,exit_log=FILE]`. Without exit settings "
             "spade-exit returns exactly what `--model hf` returns."
         ),
     )
