@@ -1,29 +1,33 @@
-"""Make `--model spade-exit` work in lm-eval without a wrapper script.
+"""Make `--model spade-exit`, the package's tasks and its offline data setting work in
+lm-eval without a wrapper script.
 
-lm-eval 0.4.13 has no plugin discovery for models, and `get_model` imports its built-in
-models only while its registry is empty. A package that registers itself therefore has to
-register the built-ins too, or `--model hf` stops resolving.
+lm-eval 0.4.13 has no plugin discovery for models or task folders, and `get_model`
+imports its built-in models only while its registry is empty. The wheel installs
+`lm_eval_spade.pth` into site-packages, which imports this module at interpreter start.
+It imports nothing heavy: it adds a finder that waits for three lm-eval modules and,
+once each has run, applies this package's addition to it:
 
-The wheel installs `lm_eval_spade.pth` into site-packages, which imports this module at
-interpreter start. It imports nothing heavy: it only adds a finder that waits for
-`lm_eval.api.registry` to be imported, and once that module has run, registers
-`spade-exit` lazily (the model module, and so torch, loads only when the name is used)
-next to lm-eval's own lazy entries.
+- `lm_eval.api.registry`: register `spade-exit` lazily (the model module, and so torch,
+  loads only when the name is used) and lm-eval's built-in models;
+- `lm_eval.api.task`: datasets from `LM_EVAL_SPADE_DATA_DIR` when it is set
+  (`lm_eval_spade.tasks.offline`);
+- `lm_eval.tasks.manager`: the package's task folder next to lm-eval's own
+  (`lm_eval_spade.tasks.configs`).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
 from types import ModuleType
 
-REGISTRY_MODULE = "lm_eval.api.registry"
 MODEL_NAME = "spade-exit"
 MODEL_TARGET = "lm_eval_spade.model:SpadeExitLM"
 
 
-def register(registry_module: ModuleType) -> None:
+def register_models(registry_module: ModuleType) -> None:
     """Register `spade-exit` and lm-eval's built-in models in lm-eval's model registry."""
     registry = registry_module.model_registry
     if isinstance(getattr(registry, "_objs", None), dict) and MODEL_NAME not in registry:
@@ -33,42 +37,57 @@ def register(registry_module: ModuleType) -> None:
     import lm_eval.models  # noqa: F401
 
 
-class _RegisterAfterLoad(importlib.abc.Loader):
-    """Wraps the real loader of `lm_eval.api.registry` and registers once it has run."""
+def _call(target: str, module: ModuleType) -> None:
+    module_name, function = target.split(":")
+    getattr(importlib.import_module(module_name), function)(module)
 
-    def __init__(self, wrapped: importlib.abc.Loader) -> None:
+
+#: lm-eval module -> what to run on it once it has been executed.
+AFTER_LOAD = {
+    "lm_eval.api.registry": "lm_eval_spade._startup.hook:register_models",
+    "lm_eval.api.task": "lm_eval_spade.tasks.offline:install",
+    "lm_eval.tasks.manager": "lm_eval_spade.tasks.configs:install",
+}
+
+
+class _RunAfterLoad(importlib.abc.Loader):
+    """Wraps a module's real loader and applies our addition once the module has run."""
+
+    def __init__(self, wrapped: importlib.abc.Loader, target: str) -> None:
         self._wrapped = wrapped
+        self._target = target
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._wrapped.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self._wrapped.exec_module(module)
-        register(module)
+        _call(self._target, module)
 
 
-class _RegistryFinder(importlib.abc.MetaPathFinder):
-    """Finds `lm_eval.api.registry` through the other finders and wraps its loader."""
+class _LmEvalFinder(importlib.abc.MetaPathFinder):
+    """Finds the modules of `AFTER_LOAD` through the other finders and wraps their loaders."""
 
     def find_spec(self, fullname, path, target=None):  # type: ignore[override]
-        if fullname != REGISTRY_MODULE:
+        if fullname not in AFTER_LOAD:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _RegisterAfterLoad(spec.loader)
+                spec.loader = _RunAfterLoad(spec.loader, AFTER_LOAD[fullname])
                 return spec
         return None
 
 
 def install() -> None:
-    """Register now if lm-eval's registry is already imported, else when it is."""
-    if REGISTRY_MODULE in sys.modules:
-        register(sys.modules[REGISTRY_MODULE])
-    elif not any(isinstance(f, _RegistryFinder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegistryFinder())
+    """Apply each addition now where lm-eval's module is already imported, else later."""
+    for name, target in AFTER_LOAD.items():
+        if name in sys.modules:
+            _call(target, sys.modules[name])
+    if not any(isinstance(f, _LmEvalFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _LmEvalFinder())
 
 
 install()

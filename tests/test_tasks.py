@@ -1,0 +1,172 @@
+"""The package's task configs and the offline data setting, against the real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lmutil import DATA, STORIES
+
+from lm_eval_spade.tasks import offline
+
+ENV = {offline.ENV: str(DATA)}
+ARC_FILES = {"train": "Train", "validation": "Dev", "test": "Test"}
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    """Our four tasks and lm-eval's four, loaded through lm-eval with the local data."""
+    from lm_eval.tasks import TaskManager
+
+    old = os.environ.get(offline.ENV)
+    os.environ[offline.ENV] = str(DATA)
+    try:
+        names = [
+            "arc_easy_spade", "arc_challenge_spade", "boolq_spade", "headqa_en_spade",
+            "arc_easy", "arc_challenge", "boolq", "headqa_en",
+        ]  # fmt: skip
+        yield TaskManager().load(names)["tasks"]
+    finally:
+        if old is None:
+            os.environ.pop(offline.ENV)
+        else:
+            os.environ[offline.ENV] = old
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("config", ["ARC-Easy", "ARC-Challenge"])
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_arc_tasks_render_the_files(tasks, config, split):
+    raw = _jsonl(DATA / "arc" / config / f"{config}-{ARC_FILES[split]}.jsonl")
+    name = "arc_easy" if config == "ARC-Easy" else "arc_challenge"
+    ours, theirs = tasks[f"{name}_spade"], tasks[name]
+    docs = {"train": ours.training_docs, "validation": ours.validation_docs,
+            "test": ours.test_docs}[split]()  # fmt: skip
+    assert len(docs) == len(raw)
+    for doc, row in list(zip(docs, raw, strict=True))[::97]:
+        question = row["question"]
+        labels = [c["label"] for c in question["choices"]]
+        options = "".join(f"{c['label']}. {c['text']}\n" for c in question["choices"])
+        assert ours.fewshot_context(doc, 0) == f"Question: {question['stem']}\n{options}Answer:"
+        assert ours.doc_to_choice(doc) == labels
+        assert ours.doc_to_target(doc) == labels.index(row["answerKey"])
+        # lm-eval's own task reads the same converted rows.
+        assert theirs.doc_to_choice(doc) == [c["text"] for c in question["choices"]]
+        assert theirs.doc_to_target(doc) == labels.index(row["answerKey"])
+
+
+def test_boolq_task_and_its_seeded_split(tasks):
+    raw = {row["idx"]: row for row in _jsonl(DATA / "boolq" / "val.jsonl")}
+    ours = tasks["boolq_spade"]
+    train, validation = list(ours.training_docs()), list(ours.validation_docs())
+    assert (len(train), len(validation)) == (981, 2289)
+    train_ids, validation_ids = {d["idx"] for d in train}, {d["idx"] for d in validation}
+    assert not train_ids & validation_ids and train_ids | validation_ids == set(raw)
+    for doc in validation[::113]:
+        row = raw[doc["idx"]]
+        prompt = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+        assert ours.fewshot_context(doc, 0) == prompt
+        assert ours.doc_to_choice(doc) == ["no", "yes"]
+        assert ours.doc_to_target(doc) == (1 if row["label"] == "true" else 0)
+        assert tasks["boolq"].doc_to_target(doc) == ours.doc_to_target(doc)
+    assert [d["idx"] for d in tasks["boolq"].validation_docs()] == [d["idx"] for d in validation]
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_headqa_task_renders_the_files(tasks, split):
+    prefix = {"train": "train", "validation": "dev", "test": "test"}[split]
+    exams = json.loads((DATA / "headqa" / "HEAD_EN" / f"{prefix}_HEAD_EN.json").read_text())
+    raw = [q for exam in exams["exams"].values() for q in exam["data"]]
+    ours = tasks["headqa_en_spade"]
+    docs = {"train": ours.training_docs, "validation": ours.validation_docs,
+            "test": ours.test_docs}[split]()  # fmt: skip
+    assert len(docs) == len(raw)
+    for doc, q in list(zip(docs, raw, strict=True))[::101]:
+        letters = "ABCDE"[: len(q["answers"])]
+        options = "".join(
+            f"{x}. {a['atext']}\n" for x, a in zip(letters, q["answers"], strict=True)
+        )
+        assert ours.fewshot_context(doc, 0) == f"Question: {q['qtext']}\n{options}Answer:"
+        assert ours.doc_to_choice(doc) == list(letters)
+        gold = [str(a["aid"]) for a in q["answers"]].index(str(q["ra"]))
+        assert ours.doc_to_target(doc) == gold
+        assert tasks["headqa_en"].doc_to_target(doc) == gold
+
+
+def test_unset_setting_leaves_the_hub(monkeypatch):
+    monkeypatch.delenv(offline.ENV, raising=False)
+    assert offline.local_dataset("allenai/ai2_arc", "ARC-Easy") is None
+    monkeypatch.setenv(offline.ENV, str(DATA))
+    assert offline.local_dataset("some/other_dataset", None) is None
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda root: root / "nope", "is not a directory"),
+        (lambda root: root, "ARC-Easy-Train.jsonl is missing"),
+        (lambda root: _with(root, "arc/ARC-Easy/ARC-Easy-Train.jsonl", '{"id": 1}\n'),
+         "lacks \\['id', 'question', 'answerKey'\\]"),
+        (lambda root: _with(root, "arc/ARC-Easy/ARC-Easy-Train.jsonl", "{oops\n"),
+         "ARC-Easy-Train.jsonl:1 is not JSON"),
+    ],
+)  # fmt: skip
+def test_bad_data_directory(tmp_path, monkeypatch, make, words):
+    monkeypatch.setenv(offline.ENV, str(make(tmp_path)))
+    with pytest.raises(offline.OfflineDataError, match=words) as excinfo:
+        offline.local_dataset("allenai/ai2_arc", "ARC-Easy")
+    assert offline.ENV in str(excinfo.value) or "JSON" in str(excinfo.value)
+
+
+def test_bad_boolq_and_headqa_files(tmp_path, monkeypatch):
+    monkeypatch.setenv(offline.ENV, str(tmp_path))
+    _with(tmp_path, "boolq/val.jsonl", '{"question": "q", "passage": "p", "idx": 0, "label": 3}\n')
+    with pytest.raises(offline.OfflineDataError, match="label 3 is not true/false"):
+        offline.local_dataset("aps/super_glue", "boolq")
+    for split in ("train", "dev", "test"):
+        _with(tmp_path, f"headqa/HEAD_EN/{split}_HEAD_EN.json", "[1, 2]")
+    with pytest.raises(offline.OfflineDataError, match="is not HEAD-QA's release JSON"):
+        offline.local_dataset("EleutherAI/headqa", "en")
+
+
+def _with(root: Path, relative: str, text: str) -> Path:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return root
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_offline_on_every_task(tmp_path):
+    """The real `lm_eval` command, no hub, no --include_path: our tasks and lm-eval's.
+
+    BoolQ passages outgrow stories260K's 512-token context and are left-truncated, which
+    drops the start token SPADE pairs with (spade-exit refuses that, see test_errors.py),
+    so this run decodes with logit lens."""
+    names = "spade,arc_easy,arc_challenge,boolq,headqa_en"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **ENV)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "lm_eval"), "--model", "spade-exit",
+         "--model_args", f"pretrained={STORIES},dtype=float32,exit_layer=3,decoder=logit_lens",
+         "--tasks", names, "--limit", "3", "--batch_size", "8", "--device", "cpu",
+         "--output_path", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = tmp_path.rglob("results_*.json")
+    results = json.loads(result.read_text())
+    expected = {
+        "arc_easy_spade", "arc_challenge_spade", "boolq_spade", "headqa_en_spade",
+        "arc_easy", "arc_challenge", "boolq", "headqa_en",
+    }  # fmt: skip
+    assert expected <= set(results["results"])
+    for task in expected:
+        assert results["n-samples"][task]["effective"] == 3
+        assert results["config"]["spade"]["tasks"][task]["exit_layer"] == 3
