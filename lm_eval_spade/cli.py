@@ -58,6 +58,67 @@ def _export_lens(args: argparse.Namespace) -> None:
     print(f"wrote {export_to_tuned_lens(args.lens, args.out)} (tuned-lens format)")
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from lm_eval_spade.finetune import FinetuneConfig, finetune_task
+
+    config = FinetuneConfig(
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target_modules=args.target_modules,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        max_length=args.max_length,
+    )
+    losses = finetune_task(
+        args.model, args.task, args.out, config, args.split, args.include_path, args.limit,
+        args.revision, args.dtype, args.device,
+    )  # fmt: skip
+    first, last = losses[: min(10, len(losses))], losses[-min(10, len(losses)) :]
+    print(
+        f"loss over the first {len(first)} steps {sum(first) / len(first):.4f}, "
+        f"over the last {len(last)} {sum(last) / len(last):.4f}"
+    )
+    print(f"adapter saved to {args.out}; evaluate with --model_args pretrained=...,peft={args.out}")
+
+
+def _add_finetune(commands) -> None:
+    tune = commands.add_parser(
+        "finetune",
+        help="LoRA fine-tune a model on a task's training split (peft)",
+        description=(
+            "Train LoRA adapters on a task's training documents in the form lm-eval "
+            "scores them (zero-shot context, then the gold answer; loss on the answer "
+            "tokens only). Load the result with `lm_eval --model spade-exit --model_args "
+            "pretrained=MODEL,peft=OUT`."
+        ),
+    )
+    add = tune.add_argument
+    add("--model", required=True, help="model directory or hub id")
+    add("--task", required=True, help="lm-eval task name, e.g. arc_easy_spade")
+    add("--out", required=True, help="adapter output directory (written atomically)")
+    add("--split", default="train", choices=["train", "validation", "test"],
+        help="split to train on (default: %(default)s)")  # fmt: skip
+    add("--include-path", help="extra lm-eval task directory")
+    add("--limit", type=int, help="use at most this many training documents")
+    add("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    add("--alpha", type=int, default=16, help="LoRA alpha (default: %(default)s)")
+    add("--dropout", type=float, default=0.0, help="LoRA dropout (default: %(default)s)")
+    add("--target-modules", nargs="+",
+        help="modules to adapt (default: peft's choice for the family)")  # fmt: skip
+    add("--steps", type=int, default=100, help="optimiser steps (default: %(default)s)")
+    add("--batch-size", type=int, default=8, help="documents per step (default: %(default)s)")
+    add("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
+    add("--seed", type=int, default=0, help="LoRA init and data order (default: 0)")
+    add("--max-length", type=int, default=512, help="tokens kept per document (from the end)")
+    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add("--device", default="cpu", help="torch device (default: %(default)s)")
+    add("--revision", help="model revision")
+    tune.set_defaults(run=_finetune)
+
+
 def _add_train_lens(commands) -> None:
     train = commands.add_parser(
         "train-lens",
@@ -152,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     demo.set_defaults(run=_demo)
     _add_train_lens(commands)
+    _add_finetune(commands)
     return parser
 
 

@@ -12,10 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,7 @@ from torch import nn
 from lm_eval_spade import __version__
 from lm_eval_spade.architectures import Architecture
 from lm_eval_spade.errors import UserInputError
+from lm_eval_spade.files import write_atomically
 from lm_eval_spade.lens.head_identity import (
     fingerprints_match,
     head_fingerprint,
@@ -151,26 +148,6 @@ class Lens(nn.Module):
 
 
 # --- writing -----------------------------------------------------------------------------
-def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_dir)`, then put `tmp_dir` at `path`, replacing what was there."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

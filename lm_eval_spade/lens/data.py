@@ -109,18 +109,26 @@ def _split_docs(task: Any, split: str) -> Iterable[dict]:
     }[split]()
 
 
-def _from_task(source: str, *, documents: bool, split: str, include_path: str | None) -> list[str]:
-    texts: list[str] = []
+def task_examples(
+    source: str, split: str = "train", include_path: str | None = None
+) -> list[tuple[str, str]]:
+    """`(context, gold continuation)` for each document of a task's split, both rendered
+    by lm-eval itself (zero-shot context; the continuation starts with the task's target
+    delimiter), as lm-eval scores them."""
+    examples: list[tuple[str, str]] = []
     for task in _tasks(source, include_path):
         for doc in _split_docs(task, split):
             context = task.fewshot_context(doc, num_fewshot=0)
+            gold = _gold_continuation(task, doc)
             contexts = context if isinstance(context, list) else [context]
-            if documents:
-                texts.extend(c + _gold_continuation(task, doc) for c in contexts)
-            else:
-                texts.extend(contexts)
-    logger.info("%s (%s): %d texts", source, split, len(texts))
-    return texts
+            examples.extend((c, gold) for c in contexts)
+    logger.info("%s (%s): %d examples", source, split, len(examples))
+    return examples
+
+
+def _from_task(source: str, *, documents: bool, split: str, include_path: str | None) -> list[str]:
+    examples = task_examples(source, split, include_path)
+    return [c + g if documents else c for c, g in examples]
 
 
 def _gold_continuation(task: Any, doc: dict) -> str:

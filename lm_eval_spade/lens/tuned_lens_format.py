@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lm_eval_spade.files import write_atomically
 from lm_eval_spade.lens.checkpoint import (
     CONFIG_FILE,
     Lens,
@@ -27,7 +28,6 @@ from lm_eval_spade.lens.checkpoint import (
     LensConfig,
     read_json,
     translators_from_tensors,
-    write_atomically,
 )
 from lm_eval_spade.lens.translators import LensKind
 

@@ -1,0 +1,184 @@
+"""LoRA fine-tuning (peft) of the base model on a task, as the paper does before
+evaluating.
+
+Training examples are the task's training documents in exactly the form lm-eval scores
+them: the zero-shot context rendered by lm-eval, then the gold continuation. They are
+tokenized as HFLM splits a request (trailing whitespace of the context moves to the
+continuation; a start token first, as spade-exit with `add_bos_token=True`), and the loss
+is the cross-entropy of the continuation tokens only. The adapter directory is what
+`--model_args pretrained=MODEL,peft=DIR` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lm_eval_spade import __version__
+from lm_eval_spade.errors import UserInputError
+from lm_eval_spade.files import write_atomically
+from lm_eval_spade.lens.data import task_examples
+from lm_eval_spade.lens.targets import start_token_id
+from lm_eval_spade.loading import load_causal_lm
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "finetune.json"
+
+
+class FinetuneError(UserInputError):
+    """Fine-tuning settings that cannot work."""
+
+
+@dataclass
+class FinetuneConfig:
+    """LoRA and optimisation settings. `target_modules=None` is peft's default for the
+    model family (e.g. q_proj and v_proj for Llama)."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4
+    seed: int = 0
+    max_length: int = 512
+
+    def check(self) -> None:
+        for name in ("rank", "alpha", "steps", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"{name}={getattr(self, name)} must be at least 1.")
+        if not self.lr > 0:
+            raise FinetuneError(f"lr={self.lr} must be positive.")
+        if not 0 <= self.dropout < 1:
+            raise FinetuneError(f"dropout={self.dropout} must be in [0, 1).")
+
+
+def encode_example(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], int]:
+    """Token ids of `[start] + context + continuation`, and where the continuation starts."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    return [start_token_id(tokenizer), *ctx, *whole[len(ctx) :]], 1 + len(ctx)
+
+
+def _batch(
+    encoded: list[tuple[list[int], int]], max_length: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask, and labels (-100 except continuation tokens).
+    Examples longer than `max_length` lose tokens from the left, as HFLM truncates."""
+    rows = []
+    for ids, start in encoded:
+        cut = max(0, len(ids) - max_length)
+        rows.append((ids[cut:], max(start - cut, 1)))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for r, (ids, start) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        mask[r, : len(ids)] = 1
+        labels[r, start : len(ids)] = torch.tensor(ids[start:])
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": labels.to(device),
+    }
+
+
+def finetune(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    examples: list[tuple[str, str]],
+    config: FinetuneConfig,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, list[float]]:
+    """Wrap `model` with LoRA adapters and train them on `examples`; returns the peft model
+    and the loss of every step."""
+    from peft import LoraConfig, get_peft_model
+
+    config.check()
+    if not examples:
+        raise FinetuneError("there are no training examples.")
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as err:
+        raise FinetuneError(f"LoRA cannot wrap this model: {err}") from err
+    peft_model.train()
+    optimizer = torch.optim.AdamW(
+        [p for p in peft_model.parameters() if p.requires_grad], lr=config.lr
+    )
+    encoded = [encode_example(tokenizer, c, g) for c, g in examples]
+    generator = torch.Generator().manual_seed(config.seed)
+    device = next(peft_model.parameters()).device
+    order: list[int] = []
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), desc="LoRA fine-tuning", disable=not progress)
+    for _ in bar:
+        if len(order) < config.batch_size:
+            order += torch.randperm(len(encoded), generator=generator).tolist()
+        batch, order = order[: config.batch_size], order[config.batch_size :]
+        loss = peft_model(**_batch([encoded[i] for i in batch], config.max_length, device)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    peft_model.eval()
+    return peft_model, losses
+
+
+def finetune_task(
+    pretrained: str,
+    task: str,
+    out: str | Path,
+    config: FinetuneConfig,
+    split: str = "train",
+    include_path: str | None = None,
+    limit: int | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> list[float]:
+    """Fine-tune on a task's split and write the adapter (and a report) to `out`."""
+    config.check()
+    examples = task_examples(task, split, include_path)[:limit]
+    model, tokenizer = load_causal_lm(pretrained, revision, dtype, device)
+    peft_model, losses = finetune(model, tokenizer, examples, config)
+    report = {
+        "task": task,
+        "split": split,
+        "examples": len(examples),
+        "base_model": pretrained,
+        "revision": revision,
+        "dtype": dtype,
+        "settings": asdict(config),
+        "loss_first_steps": sum(losses[:10]) / len(losses[:10]),
+        "loss_last_steps": sum(losses[-10:]) / len(losses[-10:]),
+        "package_version": __version__,
+    }
+
+    def write(tmp: Path) -> None:
+        peft_model.save_pretrained(tmp)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+    path = write_atomically(Path(out), write)
+    logger.info("saved the LoRA adapter to %s", path)
+    return losses
