@@ -14,3 +14,17 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 # package. Its lens module needs only torch/transformers/huggingface_hub; its declared
 # dependencies (torchdata, wandb, ...) would pull another torch, so they are skipped.
 .venv/bin/python -m pip install -q --no-deps tuned-lens==0.2.0
+# Test-only: real Llama (SentencePiece), GPT-2 and GPT-NeoX tokenizers for the
+# single-answer-token test. llama.cpp keeps their vocabularies as tokenizer-test files,
+# and llama-cpp-python's source distribution vendors them; only those three are kept.
+VOCAB=.cache/tokenizers
+if [ ! -f "$VOCAB/ggml-vocab-gpt-neox.gguf" ]; then
+  tmp=$(mktemp -d)
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d "$tmp"
+  tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp" --wildcards \
+    '*/models/ggml-vocab-llama-spm.gguf' '*/models/ggml-vocab-gpt-2.gguf' \
+    '*/models/ggml-vocab-gpt-neox.gguf'
+  mkdir -p "$VOCAB"
+  cp "$tmp"/llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-*.gguf "$VOCAB"/
+  rm -rf "$tmp"
+fi

@@ -171,3 +171,34 @@ def sample_stories(n: int = 32, tokens: int = 160, seed: int = 0) -> list[str]:
 
     model = T.AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
     return sample_texts(model, T.AutoTokenizer.from_pretrained(STORIES), n, tokens, seed)
+
+
+VOCABS = REPO / ".cache" / "tokenizers"  # filled by scripts/setup.sh
+
+
+def real_tokenizers() -> dict[str, T.PreTrainedTokenizerBase]:
+    """The Llama (SentencePiece), GPT-2 and GPT-NeoX tokenizers, from llama.cpp's
+    tokenizer-test vocabularies (GGUF). transformers reads the first two; GPT-NeoX's is a
+    byte-level BPE built here from the file's tokens and merges."""
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if not (VOCABS / "ggml-vocab-gpt-neox.gguf").is_file():
+        raise FileNotFoundError(f"{VOCABS} lacks the GGUF vocabularies: run scripts/setup.sh")
+    out = {
+        name: T.AutoTokenizer.from_pretrained(VOCABS, gguf_file=f"ggml-vocab-{file}.gguf")
+        for name, file in (("llama", "llama-spm"), ("gpt2", "gpt-2"))
+    }
+    reader = GGUFReader(VOCABS / "ggml-vocab-gpt-neox.gguf")
+
+    def strings(key: str) -> list[str]:
+        field = reader.fields[key]
+        return [bytes(field.parts[i]).decode() for i in field.data]
+
+    vocab = {token: i for i, token in enumerate(strings("tokenizer.ggml.tokens"))}
+    merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
+    core = Tokenizer(models.BPE(vocab, merges))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    out["gpt_neox"] = T.PreTrainedTokenizerFast(tokenizer_object=core)
+    return out

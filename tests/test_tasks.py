@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lmutil import DATA, STORIES
+from lmutil import DATA, STORIES, real_tokenizers
 
 from lm_eval_spade.tasks import offline
 
@@ -53,9 +53,12 @@ def test_arc_tasks_render_the_files(tasks, config, split):
     for doc, row in list(zip(docs, raw, strict=True))[::97]:
         question = row["question"]
         labels = [c["label"] for c in question["choices"]]
-        options = "".join(f"{c['label']}. {c['text']}\n" for c in question["choices"])
+        letters = "ABCDE"[: len(labels)]
+        options = "".join(
+            f"{x}. {c['text']}\n" for x, c in zip(letters, question["choices"], strict=True)
+        )
         assert ours.fewshot_context(doc, 0) == f"Question: {question['stem']}\n{options}Answer:"
-        assert ours.doc_to_choice(doc) == labels
+        assert ours.doc_to_choice(doc) == list(letters)
         assert ours.doc_to_target(doc) == labels.index(row["answerKey"])
         # lm-eval's own task reads the same converted rows.
         assert theirs.doc_to_choice(doc) == [c["text"] for c in question["choices"]]
@@ -77,6 +80,37 @@ def test_boolq_task_and_its_seeded_split(tasks):
         assert ours.doc_to_target(doc) == (1 if row["label"] == "true" else 0)
         assert tasks["boolq"].doc_to_target(doc) == ours.doc_to_target(doc)
     assert [d["idx"] for d in tasks["boolq"].validation_docs()] == [d["idx"] for d in validation]
+
+
+def test_arc_questions_labelled_with_digits_get_letters(tasks):
+    docs = [d for d in tasks["arc_easy_spade"].test_docs() if d["choices"]["label"][0] == "1"]
+    assert docs, "ARC-Easy test has questions labelled 1-4"
+    doc = docs[0]
+    assert tasks["arc_easy_spade"].doc_to_choice(doc) == list(
+        "ABCD"[: len(doc["choices"]["label"])]
+    )
+    assert tasks["arc_easy_spade"].doc_to_target(doc) == doc["choices"]["label"].index(
+        doc["answerKey"]
+    )
+
+
+@pytest.mark.parametrize("tokenizer", ["llama", "gpt2", "gpt_neox"])
+def test_every_answer_is_one_token(tasks, tokenizer):
+    """Each choice, as HFLM splits a request (`_encode_pair`), adds exactly one token."""
+    tok = real_tokenizers()[tokenizer]
+    for name in ("arc_easy_spade", "arc_challenge_spade", "boolq_spade", "headqa_en_spade"):
+        task = tasks[name]
+        docs = [*list(task.validation_docs())[:40], *list(task.training_docs())[:40]]
+        if name.startswith("arc"):  # and the digit-labelled questions
+            docs += [d for d in task.test_docs() if d["choices"]["label"][0] == "1"][:10]
+        for doc in docs:
+            context = task.fewshot_context(doc, 0)
+            for choice in task.doc_to_choice(doc):
+                continuation = task.config.target_delimiter + choice
+                whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+                ctx = tok(context, add_special_tokens=False)["input_ids"]
+                assert whole[: len(ctx)] == ctx, (name, tokenizer)
+                assert len(whole) - len(ctx) == 1, (name, tokenizer, choice)
 
 
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
