@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from lm_eval_spade import __version__
 from lm_eval_spade.errors import UserInputError
@@ -21,25 +23,24 @@ def _demo(args: argparse.Namespace) -> None:
     print(demo.summary(results))
 
 
+def _from_args(config_class: type, args: argparse.Namespace, **converted: Any) -> Any:
+    """A settings dataclass from the parsed options of the same names."""
+    names = {f.name for f in fields(config_class)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return config_class(**{**given, **converted})
+
+
 def _train_lens(args: argparse.Namespace) -> None:
     from lm_eval_spade.decoders import SpadePositions
     from lm_eval_spade.lens.jobs import DataSpec, train_and_save
     from lm_eval_spade.lens.training import LensTrainConfig
     from lm_eval_spade.lens.translators import LensKind
 
-    config = LensTrainConfig(
+    config = _from_args(
+        LensTrainConfig,
+        args,
         kind=LensKind(args.kind),
-        layers=args.layers,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        max_length=args.max_length,
         spade_positions=SpadePositions(args.spade_positions),
-        eval_fraction=args.eval_fraction,
-        cache_mb=args.cache_mb,
     )
     data = DataSpec(
         args.data, args.split, args.include_path, args.limit, args.eval_data, args.eval_split
@@ -61,17 +62,7 @@ def _export_lens(args: argparse.Namespace) -> None:
 def _finetune(args: argparse.Namespace) -> None:
     from lm_eval_spade.finetune import FinetuneConfig, finetune_task
 
-    config = FinetuneConfig(
-        rank=args.rank,
-        alpha=args.alpha,
-        dropout=args.dropout,
-        target_modules=args.target_modules,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        max_length=args.max_length,
-    )
+    config = _from_args(FinetuneConfig, args)
     losses = finetune_task(
         args.model, args.task, args.out, config, args.split, args.include_path, args.limit,
         args.revision, args.dtype, args.device,
@@ -82,6 +73,25 @@ def _finetune(args: argparse.Namespace) -> None:
         f"over the last {len(last)} {sum(last) / len(last):.4f}"
     )
     print(f"adapter saved to {args.out}; evaluate with --model_args pretrained=...,peft={args.out}")
+
+
+def _add_training_options(
+    parser: argparse.ArgumentParser, unit: str, steps: int, batch_size: int, lr: float
+) -> None:
+    """The options every training command has: loop, model precision and place."""
+    add = parser.add_argument
+    add("--steps", type=int, default=steps, help="optimiser steps (default: %(default)s)")
+    add("--batch-size", type=int, default=batch_size,
+        help=f"{unit} per step (default: %(default)s)")  # fmt: skip
+    add("--lr", type=float, default=lr, help="learning rate (default: %(default)s)")
+    add("--seed", type=int, default=0,
+        help="initialisation, data order and held-out split (default: %(default)s)")  # fmt: skip
+    add("--max-length", type=int, default=512,
+        help=f"tokens kept per {unit[:-1]}, from the end (default: %(default)s)")  # fmt: skip
+    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="model dtype (default: %(default)s)")  # fmt: skip
+    add("--device", default="cpu", help="torch device (default: %(default)s)")
+    add("--revision", help="model revision (recorded with the output)")
 
 
 def _add_finetune(commands) -> None:
@@ -108,14 +118,7 @@ def _add_finetune(commands) -> None:
     add("--dropout", type=float, default=0.0, help="LoRA dropout (default: %(default)s)")
     add("--target-modules", nargs="+",
         help="modules to adapt (default: peft's choice for the family)")  # fmt: skip
-    add("--steps", type=int, default=100, help="optimiser steps (default: %(default)s)")
-    add("--batch-size", type=int, default=8, help="documents per step (default: %(default)s)")
-    add("--lr", type=float, default=1e-4, help="AdamW learning rate (default: %(default)s)")
-    add("--seed", type=int, default=0, help="LoRA init and data order (default: 0)")
-    add("--max-length", type=int, default=512, help="tokens kept per document (from the end)")
-    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    add("--device", default="cpu", help="torch device (default: %(default)s)")
-    add("--revision", help="model revision")
+    _add_training_options(tune, "documents", steps=100, batch_size=8, lr=1e-4)
     tune.set_defaults(run=_finetune)
 
 
@@ -149,21 +152,14 @@ def _add_train_lens(commands) -> None:
     add("--eval-fraction", type=float, default=0.1,
         help="fraction held out when --eval-data is not given (default: %(default)s)")  # fmt: skip
     add("--layers", type=int, nargs="+", help="layers to train (default: 0..L-1)")
-    add("--steps", type=int, default=300, help="optimiser steps (default: %(default)s)")
-    add("--batch-size", type=int, default=16, help="examples per step (default: %(default)s)")
-    add("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
     add("--optimizer", default="adam", choices=["adam", "sgd"], help="(default: %(default)s)")
     add("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
-    add("--seed", type=int, default=0, help="data order and held-out split (default: 0)")
-    add("--max-length", type=int, default=512, help="tokens kept per example (from the end)")
     add("--spade-positions", default="original", choices=["original", "compact"],
         help="position ids of SPADE's pair for lspade targets (default: %(default)s)")  # fmt: skip
     add("--cache-mb", type=int, default=2048,
         help="keep targets in memory up to this size, else remake them each step")  # fmt: skip
-    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    add("--device", default="cpu", help="torch device (default: %(default)s)")
-    add("--revision", help="model revision (recorded in the lens config)")
     add("--peft", help="LoRA adapter directory to apply to the model first")
+    _add_training_options(train, "examples", steps=300, batch_size=16, lr=1e-3)
     train.set_defaults(run=_train_lens)
 
     export = commands.add_parser(
