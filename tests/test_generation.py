@@ -28,6 +28,7 @@ PROMPTS = [
 ]
 GREEDY = {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}
 #: Exits at layers 3, 4 and 5 on these prompts (logit lens is confidently wrong below 3).
+NEVER = {"threshold": "-inf", "confidence_decoder": "logit_lens"}  # delegates to HFLM
 MIXED = {"threshold": 1.0, "min_layer": 3, "confidence_decoder": "logit_lens"}
 
 
@@ -49,7 +50,7 @@ def test_greedy_equals_hf_tiny(family, tiny_models):
     for batch_size in (1, 4):
         want = _generate(make_lm("hf", path, batch_size=batch_size))
         assert any(want)
-        for args in ({"threshold": "-inf", "confidence_decoder": "logit_lens"}, {"exit_layer": 3}):
+        for args in (NEVER, {"exit_layer": 3}):
             got = _generate(make_lm("spade-exit", path, batch_size=batch_size, **args))
             assert got == want, (family, batch_size, args)
 
@@ -186,7 +187,7 @@ def test_copy_cache_projects_the_exit_state():
     own K/V projections of `h^l`, computed here with the model's modules."""
     layer = 2
     lm = make_lm("spade-exit", STORIES, exit_layer=layer)
-    out, prompt = _direct_generate(lm, KVStrategy.COPY)
+    out, _ = _direct_generate(lm, KVStrategy.COPY)
     width = out.tokens.shape[1]
     real = out.kv.real[:, :width]
     hidden, cache, positions = _trunk_states(lm.model, out.tokens, real)
