@@ -15,7 +15,7 @@ from typing import Any
 from lm_eval_spade.confidence import Confidence
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
 from lm_eval_spade.errors import UserInputError
-from lm_eval_spade.kv_cache import DEFAULT_KV_STRATEGY, KVStrategy
+from lm_eval_spade.kv_cache import KVStrategy, default_kv_strategy
 
 
 class SpadeArgumentError(UserInputError):
@@ -80,7 +80,8 @@ class SpadeConfig:
 
     Generation (`generate_until`):
     - `kv_strategy`: what the blocks above a token's exit hold for it (`kv_cache.py`):
-      `fill`, `copy` or `recompute` (default; `fill` needs a SPADE decoder).
+      `fill` (default for SPADE decoders at original positions; needs a SPADE decoder),
+      `copy` or `recompute` (default otherwise).
     """
 
     decoder: DecoderKind | None = None
@@ -208,7 +209,11 @@ class SpadeConfig:
         if self.active and self.decoder is None:
             fields["decoder"] = DecoderKind.SPADE
         if self.active and self.kv_strategy is None:
-            fields["kv_strategy"] = DEFAULT_KV_STRATEGY
+            decoder = fields["decoder"]
+            climbs = decoder in (DecoderKind.SPADE, DecoderKind.SPADE_NOS)
+            fields["kv_strategy"] = default_kv_strategy(
+                climbs and self.spade_positions is SpadePositions.ORIGINAL
+            )
         if self.threshold is not None:
             if self.confidence_decoder is None:  # the lens's kind: one lens serves both
                 decoder = self.decoder

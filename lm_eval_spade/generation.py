@@ -102,6 +102,7 @@ class _Generator:
         self.kv = KVStore(self.num_layers, real, positions)
         self.rows = [RowRecord() for _ in range(batch)]
         self.step = 0
+        self.step_slot = prompt - 1  # the newest position
 
     # --- the loop --------------------------------------------------------------------
     def run(self, stopping: StoppingCriteriaList, pad_token_id: int) -> Generated:
@@ -127,7 +128,7 @@ class _Generator:
                 break
             running = unfinished.nonzero().squeeze(1)
             slot = ids.shape[1] - 1
-            self.step += 1
+            self.step, self.step_slot = self.step + 1, slot
             slots = torch.full((len(running), 1), slot, device=ids.device)
             hidden = self.arch.embed(
                 ids[running, slot:], self.kv.positions[running, slot : slot + 1]
@@ -168,11 +169,16 @@ class _Generator:
             record.passes_run += n * (end - start)
         if start == end:
             return hidden
-        if not self.strategy.keeps_exit_states or self.step == 0:
+        if not self.strategy.keeps_exit_states or self.step == 0 or self._complete(rows, end):
             return self._run(rows, slots, hidden, start, end, causal=True)
         for block in range(start, end):
             hidden = self._block_with_missing(rows, slots, hidden, block)
         return hidden
+
+    def _complete(self, rows: torch.Tensor, end: int) -> bool:
+        """Whether every earlier position of these rows has keys/values up to `end`."""
+        kv, slot = self.kv, self.step_slot
+        return bool(((kv.depth[rows, :slot] >= end) | ~kv.real[rows, :slot]).all())
 
     def _block_with_missing(
         self, rows: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor, block: int

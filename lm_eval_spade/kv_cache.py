@@ -39,9 +39,12 @@ class KVStrategy(str, Enum):
         return self in (KVStrategy.FILL, KVStrategy.RECOMPUTE)
 
 
-#: Chosen by measurement (`benchmarks/generation_speed.py`, README): exact, and costs
-#: nothing above a fixed exit, where no later token goes deeper.
-DEFAULT_KV_STRATEGY = KVStrategy.RECOMPUTE
+def default_kv_strategy(climbs: bool) -> KVStrategy:
+    """Chosen by measurement (`benchmarks/generation_speed.py`, README): `fill` where the
+    decoder runs SPADE's pass at the token's own position (`climbs`), since it matched
+    `recompute`'s perplexity within 1% at less compute and time; else `recompute`, exact
+    and free above a fixed exit, where no later token goes deeper."""
+    return KVStrategy.FILL if climbs else KVStrategy.RECOMPUTE
 
 
 class MissingKeyValuesError(RuntimeError):

@@ -139,7 +139,7 @@ def test_lm_eval_command_generate_until(task_dir, tmp_path):
     assert len(texts) == 6 and all(texts) and not any("." in t for t in texts)
 
     spade = result["config"]["spade"]
-    assert spade["config"]["kv_strategy"] == "recompute"
+    assert spade["config"]["kv_strategy"] == "fill"  # the default for SPADE
     stats = spade["tasks"][task]
     assert stats["requests"] == 6 and stats["exits_per"] == "generated token"
     assert stats["generated_tokens"] == sum(stats["exit_layer_histogram"].values()) >= 6
