@@ -61,11 +61,19 @@ class Generated:
     kv: KVStore  # the cache as the last step left it
 
 
+@dataclass(frozen=True)
+class GenerationPlan:
+    """Where tokens exit and how they are decoded, what the cache keeps above an exit,
+    and how the next token is chosen."""
+
+    exits: ExitPlan
+    kv_strategy: KVStrategy
+    sampling: Sampling
+
+
 def generate(
     arch: Architecture,
-    plan: ExitPlan,
-    kv_strategy: KVStrategy,
-    sampling: Sampling,
+    plan: GenerationPlan,
     ids: torch.Tensor,
     attention_mask: torch.Tensor,
     max_length: int,
@@ -74,23 +82,20 @@ def generate(
 ) -> Generated:
     """Generate from left-padded `ids` `[B, T]` until `stopping` says every row is done
     (it should hold the length limit `max_length`, the EOS ids and the stop sequences)."""
-    return _Generator(arch, plan, kv_strategy, sampling, ids, attention_mask, max_length).run(
-        stopping, pad_token_id
-    )
+    return _Generator(arch, plan, ids, attention_mask, max_length).run(stopping, pad_token_id)
 
 
 class _Generator:
     def __init__(
         self,
         arch: Architecture,
-        plan: ExitPlan,
-        kv_strategy: KVStrategy,
-        sampling: Sampling,
+        plan: GenerationPlan,
         ids: torch.Tensor,
         attention_mask: torch.Tensor,
         max_length: int,
     ) -> None:
-        self.arch, self.plan, self.strategy, self.sampling = arch, plan, kv_strategy, sampling
+        self.arch, self.plan = arch, plan.exits
+        self.strategy, self.sampling = plan.kv_strategy, plan.sampling
         self.num_layers = arch.num_layers
         self.ids = ids
         batch, prompt = ids.shape

@@ -18,6 +18,7 @@ launch`), for the per-task statistics in the results JSON and for `exit_log`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import deque
@@ -40,7 +41,7 @@ from lm_eval_spade.architectures import Architecture, architecture_for
 from lm_eval_spade.config import SPADE_MODEL_ARGS, SpadeArgumentError, SpadeConfig
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
 from lm_eval_spade.exiting import ExitPlan, RowExit, score_rows
-from lm_eval_spade.generation import RowRecord, generate
+from lm_eval_spade.generation import GenerationPlan, RowRecord, generate
 from lm_eval_spade.kv_cache import KVStrategy
 from lm_eval_spade.lens import Lens, LensCheckpointError, LensKind, load_lens
 from lm_eval_spade.model_args import check_model_args
@@ -402,14 +403,7 @@ class SpadeExitLM(HFLM):
         ids = pad_and_concat(max(input_lens), list(inputs), padding_side="right")
         if self.plan.checks:
             self._check_start_tokens(ids[:, 0].tolist())
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            ),
-        ):
+        with self._inference():
             return score_rows(
                 self.arch,
                 self.plan,
@@ -420,6 +414,19 @@ class SpadeExitLM(HFLM):
                 rolling=self._rolling,
                 softmax_dtype=self.softmax_dtype,
             )
+
+    def _inference(self) -> contextlib.ExitStack:
+        """No gradients, and HFLM's mixed precision where it is set."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            )
+        )
+        return stack
 
     def _check_start_tokens(self, first: list[int]) -> None:
         """SPADE pairs every position with position 0, which must be a start token."""
@@ -479,19 +486,11 @@ class SpadeExitLM(HFLM):
         stopping.append(MaxLengthCriteria(max_length))
         if eos_ids:
             stopping.append(EosTokenCriteria(eos_ids))
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            ),
-        ):
+        with self._inference():
+            plan = GenerationPlan(self.plan, self.spade.kv_strategy, sampling)
             result = generate(
                 self.arch,
-                self.plan,
-                self.spade.kv_strategy,
-                sampling,
+                plan,
                 context,
                 attention_mask,
                 max_length,

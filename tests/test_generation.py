@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from lm_eval_spade.config import SpadeArgumentError
 from lm_eval_spade.decoders import DecoderKind, decode
-from lm_eval_spade.generation import Generated, generate
+from lm_eval_spade.generation import Generated, GenerationPlan, generate
 from lm_eval_spade.kv_cache import KVStrategy
 from lm_eval_spade.sampling import GenerationSettingsError, Sampling
 
@@ -99,9 +99,8 @@ def _direct_generate(lm, strategy: KVStrategy, max_new: int = 10) -> tuple[Gener
     ids, mask = lm.tok_batch_encode(PROMPTS[:3])
     stopping = T.StoppingCriteriaList([T.MaxLengthCriteria(ids.shape[1] + max_new)])
     with torch.no_grad():
-        out = generate(
-            lm.arch, lm.plan, strategy, Sampling(), ids, mask, ids.shape[1] + max_new, stopping, 0
-        )
+        plan = GenerationPlan(lm.plan, strategy, Sampling())
+        out = generate(lm.arch, plan, ids, mask, ids.shape[1] + max_new, stopping, 0)
     return out, ids.shape[1]
 
 
