@@ -38,6 +38,21 @@ def arc_prompts(path: Path, limit: int | None = None) -> list[str]:
     return [prompt for prompt, _ in arc_questions(path, limit)]
 
 
+def random_llama(blocks: int, hidden: int):
+    """A seeded random-weight Llama with the stories260K vocabulary, for wall-clock runs
+    (weights do not matter where exits are forced)."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(
+        vocab_size=512, hidden_size=hidden, intermediate_size=1376, num_hidden_layers=blocks,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    return T.LlamaForCausalLM(config)
+
+
 def write_result(name: str, title: str, intro: str, *tables: str) -> None:
     """Write `results/<name>` (markdown: title, intro, tables) and print it."""
     text = f"# {title}\n\n{intro}\n\n" + "\n\n".join(tables) + "\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import transformers as T
-from common import ARC_EASY, STORIES, arc_questions, write_result
+from common import ARC_EASY, STORIES, arc_questions, random_llama, write_result
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 
@@ -31,13 +31,7 @@ BLOCKS, HIDDEN, BATCH = 24, 512, 16
 
 
 def build_model(root: Path) -> Path:
-    torch.manual_seed(0)
-    config = T.LlamaConfig(
-        vocab_size=512, hidden_size=HIDDEN, intermediate_size=1376, num_hidden_layers=BLOCKS,
-        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048,
-        bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    model = T.LlamaForCausalLM(config)
+    model = random_llama(BLOCKS, HIDDEN)
     model.save_pretrained(root / "model")
     T.AutoTokenizer.from_pretrained(STORIES).save_pretrained(root / "model")
     lens = Lens.untrained(architecture_for(model), LensKind.LSPADE)  # costs what a real one does

@@ -8,11 +8,17 @@ subclass here and one line to `FAMILIES`.
 Attention masks are built with transformers' own mask builders for the model's attention
 implementation, but never from position ids: transformers reads non-consecutive position
 ids such as SPADE's `(0, i)` as packed sequences and would mask the pair apart.
+
+Generation runs blocks against a key/value cache: `run_blocks` takes explicit masks (from
+`attention_mask`, in the format the model's attention implementation reads) and any
+object with the `update(keys, values, layer_idx, ...)` method transformers' attention
+modules call; `key_values` gives a block's keys and values for hidden states without
+running the rest of the block.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -24,6 +30,31 @@ from lm_eval_spade.errors import UserInputError
 
 class UnsupportedArchitectureError(UserInputError):
     """The model's family is not one this package knows how to run block by block."""
+
+
+class KeyValueCache(Protocol):
+    """What transformers' attention modules call on a cache: store this block's new keys
+    and values (`[batch, heads, queries, head_dim]`) and return the ones to attend to."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class _Probed(Exception):
+    """Raised by `_KeyValueProbe` to stop a block once its keys and values are known."""
+
+
+class _KeyValueProbe:
+    """A cache that records the keys/values a block writes and stops the block there, so
+    the family's own code (norms, projections, rotary, q/k norms) computes them."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys, self.values = key_states, value_states
+        raise _Probed
 
 
 class Architecture:
@@ -62,6 +93,7 @@ class Architecture:
         mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KeyValueCache | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -102,24 +134,71 @@ class Architecture:
         }
 
     def run_blocks(
-        self, hidden: torch.Tensor, start: int, end: int, position_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        position_ids: torch.Tensor,
+        masks: dict[str, torch.Tensor | None] | None = None,
+        cache: KeyValueCache | None = None,
     ) -> torch.Tensor:
-        """Run blocks `start+1..end` (`layers[start:end]`) on `hidden` as causal sequences.
+        """Run blocks `start+1..end` (`layers[start:end]`) on `hidden`.
 
-        `hidden` is `[batch, seq, d]` with no padding on the left; right padding is
-        harmless under causal attention. `position_ids` is `[batch, seq]` or `[1, seq]`.
+        Without `masks`, as causal sequences: `hidden` is `[batch, seq, d]` with no padding
+        on the left; right padding is harmless. `position_ids` is `[batch, seq]` or
+        `[1, seq]`. With `masks` (per mask kind, see `mask_kinds`, made by
+        `attention_mask`) and a `cache`, the queries attend to what the cache returns.
         """
         if start == end:
             return hidden
-        masks = self._masks(hidden, range(start, end))
+        if masks is None:
+            masks = self._masks(hidden, range(start, end))
         rotary = self._rotary(hidden, position_ids)
         for index in range(start, end):
             mask = masks[self._layer_mask_kind(index)]
-            hidden = self._call_block(index, hidden, mask, position_ids, rotary)
+            hidden = self._call_block(index, hidden, mask, position_ids, rotary, cache)
         return hidden
 
+    def key_values(
+        self, index: int, hidden: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `index`'s keys and values for `hidden` `[batch, seq, d]`, each
+        `[batch, kv_heads, seq, head_dim]`: the norm and projections before its attention,
+        without the attention or MLP."""
+        probe = _KeyValueProbe()
+        rotary = self._rotary(hidden, position_ids)
+        try:
+            self._call_block(index, hidden, None, position_ids, rotary, probe)
+        except _Probed:
+            return probe.keys, probe.values
+        raise RuntimeError(f"block {index} of {self.config.model_type} never used its cache")
+
+    def mask_kinds(self, indices: range) -> set[str]:
+        """The attention kinds (`full_attention`, `sliding_attention`) of these blocks."""
+        return {self._layer_mask_kind(i) for i in indices}
+
+    @property
+    def sliding_window(self) -> int | None:
+        return getattr(self.config, "sliding_window", None)
+
+    def attention_mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`allowed` `[batch, queries, keys]` (True: may attend) in the format the model's
+        attention implementation reads: boolean for sdpa, additive for eager."""
+        implementation = self.config._attn_implementation
+        if implementation == "sdpa":
+            return allowed[:, None]
+        if implementation == "eager":
+            zero = torch.zeros((), dtype=dtype, device=allowed.device)
+            blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+            return torch.where(allowed, zero, blocked)[:, None]
+        raise UnsupportedArchitectureError(
+            f"spade-exit generates with explicit attention masks, which attn_implementation="
+            f"{implementation} does not take; load the model with attn_implementation=sdpa "
+            "or eager."
+        )
+
     def _masks(self, hidden: torch.Tensor, indices: range) -> dict[str, torch.Tensor | None]:
-        kinds = {self._layer_mask_kind(i) for i in indices}
+        kinds = self.mask_kinds(indices)
         builders = {
             "full_attention": create_causal_mask,
             "sliding_attention": create_sliding_window_causal_mask,
@@ -173,9 +252,13 @@ class LlamaLike(Architecture):
             return "sliding_attention"
         return super()._layer_mask_kind(index)
 
-    def _call_block(self, index, hidden, mask, position_ids, rotary):
+    def _call_block(self, index, hidden, mask, position_ids, rotary, cache=None):
         return self.layers[index](
-            hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            position_embeddings=rotary,
+            cache=cache,
         )
 
 
@@ -202,9 +285,13 @@ class GPTNeoX(Architecture):
     def _rotary(self, hidden, position_ids):
         return self._base.rotary_emb(hidden, position_ids=position_ids)
 
-    def _call_block(self, index, hidden, mask, position_ids, rotary):
+    def _call_block(self, index, hidden, mask, position_ids, rotary, cache=None):
         return self.layers[index](
-            hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary
+            hidden,
+            attention_mask=mask,
+            position_ids=position_ids,
+            position_embeddings=rotary,
+            layer_past=cache,
         )
 
 
@@ -233,8 +320,8 @@ class GPT2(Architecture):
     def _final_norm_modules(self):
         return [self._base.ln_f]
 
-    def _call_block(self, index, hidden, mask, position_ids, rotary):
-        return self.layers[index](hidden, attention_mask=mask)
+    def _call_block(self, index, hidden, mask, position_ids, rotary, cache=None):
+        return self.layers[index](hidden, attention_mask=mask, cache=cache)
 
 
 class OPT(Architecture):
@@ -274,8 +361,10 @@ class OPT(Architecture):
     def _final_norm_modules(self):
         return [self._base.final_layer_norm, self._base.project_out]
 
-    def _call_block(self, index, hidden, mask, position_ids, rotary):
-        return self.layers[index](hidden, attention_mask=mask, position_ids=position_ids)
+    def _call_block(self, index, hidden, mask, position_ids, rotary, cache=None):
+        return self.layers[index](
+            hidden, attention_mask=mask, position_ids=position_ids, cache=cache
+        )
 
 
 FAMILIES: tuple[type[Architecture], ...] = (LlamaLike, GPTNeoX, GPT2, OPT)

@@ -15,6 +15,7 @@ from typing import Any
 from lm_eval_spade.confidence import Confidence
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
 from lm_eval_spade.errors import UserInputError
+from lm_eval_spade.kv_cache import KVStrategy, default_kv_strategy
 
 
 class SpadeArgumentError(UserInputError):
@@ -76,6 +77,11 @@ class SpadeConfig:
     - `spade_positions`: the SPADE pair's position ids, `original` `(0, i)` or `compact`;
     - `lens`: directory of a trained lens (`lm-eval-spade train-lens`, or a tuned-lens
       checkpoint), for the `lspade` / `tuned_lens` decoders.
+
+    Generation (`generate_until`):
+    - `kv_strategy`: what the blocks above a token's exit hold for it (`kv_cache.py`):
+      `fill` (default for SPADE decoders at original positions; needs a SPADE decoder),
+      `copy` or `recompute` (default otherwise).
     """
 
     decoder: DecoderKind | None = None
@@ -88,6 +94,7 @@ class SpadeConfig:
     confidence: Confidence = Confidence.ENTROPY
     confidence_decoder: DecoderKind | None = None
     exit_log: str | None = None
+    kv_strategy: KVStrategy | None = None
 
     @classmethod
     def from_model_args(cls, **args: Any) -> SpadeConfig:
@@ -118,6 +125,8 @@ class SpadeConfig:
             fields["confidence_decoder"] = _enum_value(
                 DecoderKind, "confidence_decoder", args["confidence_decoder"]
             )
+        if "kv_strategy" in given:
+            fields["kv_strategy"] = _enum_value(KVStrategy, "kv_strategy", args["kv_strategy"])
         config = cls(**fields)
         config._check(given)
         return config._with_defaults()
@@ -170,16 +179,41 @@ class SpadeConfig:
                 "decoder and confidence_decoder ask for lenses of two kinds "
                 f"({users[0].value}, {users[1].value}), but there is one lens=; use one kind."
             )
+        self._check_kv_strategy()
         if self.lens is not None and not users and self.threshold is None:
             raise SpadeArgumentError(
                 f"lens={self.lens} is only used by decoder={' or decoder='.join(_LENS_DECODERS)}"
                 " or by adaptive exits (threshold=...); set one of those or drop lens."
             )
 
+    def _check_kv_strategy(self) -> None:
+        strategy = self.kv_strategy
+        if strategy is None:
+            return
+        if not self.active:
+            raise SpadeArgumentError(
+                f"kv_strategy={strategy.value} only applies to early exits in generation: add "
+                "exit_layer=K or threshold=NATS (or drop it)."
+            )
+        decoder = self.decoder or DecoderKind.SPADE
+        climbs = decoder in (DecoderKind.SPADE, DecoderKind.SPADE_NOS)
+        if strategy is KVStrategy.FILL and not climbs:
+            raise SpadeArgumentError(
+                f"kv_strategy=fill takes keys/values from SPADE's pass through the upper blocks, "
+                f"which decoder={decoder.value} does not make: use kv_strategy=copy or "
+                "recompute, or decoder=spade."
+            )
+
     def _with_defaults(self) -> SpadeConfig:
         fields = asdict(self)
         if self.active and self.decoder is None:
             fields["decoder"] = DecoderKind.SPADE
+        if self.active and self.kv_strategy is None:
+            decoder = fields["decoder"]
+            climbs = decoder in (DecoderKind.SPADE, DecoderKind.SPADE_NOS)
+            fields["kv_strategy"] = default_kv_strategy(
+                climbs and self.spade_positions is SpadePositions.ORIGINAL
+            )
         if self.threshold is not None:
             if self.confidence_decoder is None:  # the lens's kind: one lens serves both
                 decoder = self.decoder

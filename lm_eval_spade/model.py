@@ -8,14 +8,20 @@ leave the batch at a fixed `exit_layer`, or where their confidence passes `thres
 and only their scored positions are decoded. HFLM's batching, sorting, truncation and
 one-forward-per-context grouping for one-token continuations are kept.
 
+`generate_until` keeps HFLM's batching, truncation, stop sequences and post-processing;
+`_model_generate`, where HFLM calls `model.generate`, runs `generation.py` instead: every
+new token exits on its own, with the KV strategy of `kv_cache.py` above its exit.
+
 Every request's exit is recorded (and gathered across processes under `accelerate
 launch`), for the per-task statistics in the results JSON and for `exit_log`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,16 +32,20 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import Collator
-from lm_eval.models.utils_hf import pad_and_concat
+from lm_eval.models.utils_hf import pad_and_concat, stop_sequences_criteria
 from tqdm import tqdm
+from transformers import EosTokenCriteria, MaxLengthCriteria
 
 from lm_eval_spade import __version__
 from lm_eval_spade.architectures import Architecture, architecture_for
 from lm_eval_spade.config import SPADE_MODEL_ARGS, SpadeArgumentError, SpadeConfig
-from lm_eval_spade.decoders import DecoderKind
+from lm_eval_spade.decoders import DecoderKind, SpadePositions
 from lm_eval_spade.exiting import ExitPlan, RowExit, score_rows
+from lm_eval_spade.generation import GenerationPlan, RowRecord, generate
+from lm_eval_spade.kv_cache import KVStrategy
 from lm_eval_spade.lens import Lens, LensCheckpointError, LensKind, load_lens
 from lm_eval_spade.model_args import check_model_args
+from lm_eval_spade.sampling import Sampling
 from lm_eval_spade.stats import ExitStats, RequestExit
 
 logger = logging.getLogger(__name__)
@@ -71,6 +81,28 @@ def _first_occurrences(requests: list[Instance]) -> tuple[list[Instance], list[i
     return unique, index
 
 
+def _by_gen_kwargs(requests: list[Instance]) -> list[list[int]]:
+    """Indices of the requests, grouped by their generation kwargs (in first-seen order)."""
+    groups: dict[str, list[int]] = {}
+    for i, req in enumerate(requests):
+        key = json.dumps(req.args[1], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _generation_exit(row: RowRecord) -> RequestExit:
+    first = row.exit_layers[0] if row.exit_layers else 0
+    return RequestExit(
+        first,
+        row.confidence,
+        row.passes_run,
+        row.passes_full,
+        row.checks,
+        list(row.exit_layers),
+        row.kv_projections,
+    )
+
+
 @register_model("spade-exit")
 class SpadeExitLM(HFLM):
     """HFLM whose scored positions are decoded from an intermediate layer, fixed or
@@ -96,6 +128,7 @@ class SpadeExitLM(HFLM):
                 )
             self.arch = architecture_for(self.model)
             self.spade.check_layers(self.arch.num_layers)
+            self._check_fill_positions()
             if self.spade.lens is not None:
                 self.lens = self._load_lens()
             self.plan = self._exit_plan()
@@ -104,6 +137,25 @@ class SpadeExitLM(HFLM):
         self._row_exits: list[RequestExit] = []
         self._rolling = False
         self._exit_log = self._start_exit_log()
+        #: generate_until: per context string, the exits of the rows generated for it.
+        self._generated: dict[str, deque[RequestExit]] = {}
+        self._batch_contexts: list[str] = []
+
+    def _check_fill_positions(self) -> None:
+        """`fill` writes the pair's keys at the token's own slot: with rotary positions
+        the pair must run at the token's original position."""
+        assert self.arch is not None
+        spade = self.spade
+        if (
+            spade.kv_strategy is KVStrategy.FILL
+            and spade.spade_positions is SpadePositions.COMPACT
+            and self.arch.rotary
+        ):
+            raise SpadeArgumentError(
+                "kv_strategy=fill keeps the keys of SPADE's pair, which spade_positions=compact "
+                "rotates to position 1 instead of the token's own: use spade_positions=original "
+                "or kv_strategy=copy or recompute."
+            )
 
     def _shard_cpu_processes(self) -> None:
         """Data parallelism over CPU processes started by `accelerate launch`.
@@ -243,7 +295,10 @@ class SpadeExitLM(HFLM):
             keys = ("task", "doc_id", "idx", "exit_layer", "confidence")
             with self._exit_log.open("a") as f:
                 for record in local:
-                    f.write(json.dumps({k: record[k] for k in keys}) + "\n")
+                    line = {k: record[k] for k in keys}
+                    if record["token_exit_layers"] is not None:  # generation
+                        line["token_exit_layers"] = record["token_exit_layers"]
+                    f.write(json.dumps(line) + "\n")
 
     @property
     def exit_stats(self) -> dict[str, ExitStats]:
@@ -347,15 +402,8 @@ class SpadeExitLM(HFLM):
         assert self.arch is not None and self.plan is not None
         ids = pad_and_concat(max(input_lens), list(inputs), padding_side="right")
         if self.plan.checks:
-            self._check_start_tokens(ids)
-        with (
-            torch.no_grad(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=self.mixed_precision_dtype,
-                enabled=self.mixed_precision_dtype is not None,
-            ),
-        ):
+            self._check_start_tokens(ids[:, 0].tolist())
+        with self._inference():
             return score_rows(
                 self.arch,
                 self.plan,
@@ -367,14 +415,26 @@ class SpadeExitLM(HFLM):
                 softmax_dtype=self.softmax_dtype,
             )
 
-    def _check_start_tokens(self, ids: torch.Tensor) -> None:
+    def _inference(self) -> contextlib.ExitStack:
+        """No gradients, and HFLM's mixed precision where it is set."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(
+            torch.autocast(
+                device_type=self.device.type,
+                dtype=self.mixed_precision_dtype,
+                enabled=self.mixed_precision_dtype is not None,
+            )
+        )
+        return stack
+
+    def _check_start_tokens(self, first: list[int]) -> None:
         """SPADE pairs every position with position 0, which must be a start token."""
         decoder = self.spade.decoder
         assert decoder is not None
         if not decoder.needs_start_token:
             return
         starts = {t for t in (self.tokenizer.bos_token_id, self.prefix_token_id) if t is not None}
-        first = ids[:, 0].tolist()
         bad = [t for t in first if t not in starts]
         if bad:
             raise SpadeArgumentError(
@@ -385,6 +445,61 @@ class SpadeExitLM(HFLM):
                 f"without one: raise max_length above {self.max_length}), or use "
                 "decoder=spade_nos, which needs no start token."
             )
+
+    # --- generation ----------------------------------------------------------------------
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """HFLM's generate_until, one call per set of generation kwargs, so that each row
+        `_model_generate` runs can be matched to its request by its context."""
+        if self._delegates:
+            return super().generate_until(requests, disable_tqdm)
+        unique, index = _first_occurrences(requests)
+        texts: list[str] = [""] * len(unique)
+        exits: list[RequestExit] = [RequestExit(0)] * len(unique)
+        for group in _by_gen_kwargs(unique):
+            self._generated = {}
+            outputs = super().generate_until([unique[i] for i in group], disable_tqdm)
+            for i, text in zip(group, outputs, strict=True):
+                texts[i] = text
+                exits[i] = self._generated[unique[i].args[0]].popleft()
+        self._record(unique, exits)
+        return [texts[i] for i in index]
+
+    def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any):
+        self._batch_contexts = list(strings)  # the rows of the next `_model_generate`
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
+    ) -> torch.Tensor:
+        if self._delegates:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        assert self.arch is not None and self.plan is not None and self.spade.kv_strategy
+        attention_mask = generation_kwargs.pop("attention_mask")
+        sampling = Sampling.from_request(generation_kwargs, self.model.generation_config)
+        if self.plan.checks:
+            first = context[torch.arange(len(context)), attention_mask.long().argmax(dim=1)]
+            self._check_start_tokens(first.tolist())
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = self.tokenizer.pad_token_id
+        stopping = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], len(context))
+        stopping.append(MaxLengthCriteria(max_length))
+        if eos_ids:
+            stopping.append(EosTokenCriteria(eos_ids))
+        with self._inference():
+            plan = GenerationPlan(self.plan, self.spade.kv_strategy, sampling)
+            result = generate(
+                self.arch,
+                plan,
+                context,
+                attention_mask,
+                max_length,
+                stopping,
+                pad if pad is not None else eos_ids[0],
+            )
+        for text, row in zip(self._batch_contexts, result.rows, strict=True):
+            self._generated.setdefault(text, deque()).append(_generation_exit(row))
+        return result.tokens
 
     # --- what ran, for the results JSON ------------------------------------------------
     def get_model_info(self) -> dict:
