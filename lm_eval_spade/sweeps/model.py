@@ -38,8 +38,9 @@ class RequestScores:
     `passes` is this request's share of what its forward(s) cost for a fixed exit at
     each column; `passes_full` of a full-depth run. `uncertainty` is `[signals, L]` at
     the decision position(s); `positions` how many positions one check computes (its
-    share). `context` keys SPADE-EXIT's per-context decision and `order` says which row
-    was scored first, as `exiting.py` lets the first decide.
+    share). `context` keys SPADE-EXIT's per-context decision (None for rolling
+    documents, which decide alone) and `order` says which row was scored first, as
+    `exiting.py` lets the first decide.
     """
 
     loglik: torch.Tensor
@@ -48,7 +49,7 @@ class RequestScores:
     passes_full: float
     uncertainty: torch.Tensor
     positions: float
-    context: tuple[int, ...]
+    context: tuple[int, ...] | None
     order: int
     windows: int = 1
 
@@ -108,6 +109,11 @@ class LayerwiseLM(SpadeExitLM):
             return load_lens(path, self.arch)
         except LensCheckpointError as err:
             raise SweepError(f"lens {name} ({path}): {err}") from err
+
+    def scores(self, reqtype: str, requests: list[Instance]) -> list[RequestScores]:
+        """`RequestScores` of `loglikelihood` or `loglikelihood_rolling` requests."""
+        answers = getattr(self, reqtype)(requests)
+        return [a[0] if isinstance(a, tuple) else a for a in answers]
 
     def _check_decoding(self, decoding: Decoding) -> None:
         if not decoding.kind.needs_lens:
@@ -183,7 +189,7 @@ class LayerwiseLM(SpadeExitLM):
         for r, (row, row_hits) in enumerate(zip(rows, hits, strict=True)):
             share = 1.0 / len(row_hits)
             answer = int(input_lens[r] - cont_lens[r])
-            context = tuple(ids[r, : answer + 1].tolist())
+            context = None if self._rolling else tuple(ids[r, : answer + 1].tolist())
             for h in range(len(row_hits)):
                 scores = RequestScores(
                     row.loglik[h],
