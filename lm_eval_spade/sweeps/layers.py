@@ -83,6 +83,12 @@ def decoder_label(decoding: Decoding, lenses: dict[str, tuple[str, DecoderKind]]
     return f"{label} ({decoding.lens})" if len(same_kind) > 1 else label
 
 
+def setting_name(decoding: Decoding) -> str:
+    """`spade`, `lspade`, or `lspade-NAME` where a lens has its folder's name."""
+    kind = decoding.kind.value
+    return kind if decoding.lens in (None, kind) else f"{kind}-{decoding.lens}"
+
+
 def lens_path(decoding: Decoding, lenses: dict[str, tuple[str, DecoderKind]]) -> str | None:
     return lenses[decoding.lens][0] if decoding.lens else None
 
@@ -104,6 +110,7 @@ def decodings_for(config: LayerSweepConfig, lenses: dict[str, tuple[str, Decoder
 
 
 def run_layer_sweep(settings: SweepSettings, config: LayerSweepConfig) -> SweepOutcome:
+    settings.hf_args()  # bad --model-args fail before anything loads
     lenses = name_lenses(config.lenses)
     decodings = decodings_for(config, lenses)
     task_dict = load_tasks(settings.tasks, settings.include_path)
@@ -117,7 +124,7 @@ def run_layer_sweep(settings: SweepSettings, config: LayerSweepConfig) -> SweepO
     table = ScoreTable(lm, settings.time_full_depth)
     points = [
         Setting(
-            f"{decoding.label}_L{layer}",
+            f"{setting_name(decoding)}_L{layer}",
             FixedExit(
                 lm.layout, decoding, layer, lenses[decoding.lens][0] if decoding.lens else None
             ),

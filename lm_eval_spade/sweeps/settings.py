@@ -69,7 +69,7 @@ class SweepSettings:
 def load_tasks(names: list[str], include_path: str | None) -> dict:
     """lm-eval's task dict for `names` (tasks, groups or tags), with a clear error for
     names lm-eval does not know."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     if not names:
         raise SweepError("no tasks given: --tasks NAME [NAME ...] (lm-eval task names).")
@@ -80,4 +80,4 @@ def load_tasks(names: list[str], include_path: str | None) -> dict:
             f"lm-eval knows no task {', '.join(map(repr, unknown))}; see `lm_eval ls tasks` "
             "(or give --include-path for a local task folder)."
         )
-    return get_task_dict(names, manager)
+    return manager.load(names)

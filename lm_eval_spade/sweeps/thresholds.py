@@ -127,6 +127,7 @@ def series_for(lens_name: str, lens_kind: DecoderKind, baselines: bool) -> list[
 
 
 def run_threshold_sweep(settings: SweepSettings, config: ThresholdSweepConfig) -> SweepOutcome:
+    settings.hf_args()  # bad --model-args fail before anything loads
     if config.lens is None:
         raise SweepError(
             "sweep thresholds needs --lens DIR: SPADE-EXIT's confidence comes from an L-SPADE "

@@ -78,6 +78,7 @@ def train_lenses(settings: SweepSettings, config: TransferConfig) -> dict[str, s
 
 
 def run_transfer_sweep(settings: SweepSettings, config: TransferConfig) -> SweepOutcome:
+    settings.hf_args()  # bad --model-args fail before anything loads
     task_dict = load_tasks(settings.tasks, settings.include_path)
     lenses = train_lenses(settings, config)
     spade = Decoding(DecoderKind.SPADE)
