@@ -187,6 +187,18 @@ def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
     add("--min-layer", type=int, help="first check layer (default: --interval)")
 
 
+def _sweep_parser(
+    kinds, name: str, run, thresholds: bool, help: str, description: str
+) -> argparse.ArgumentParser:
+    """A `sweep NAME` parser with the options every sweep (and every threshold sweep) has."""
+    parser = kinds.add_parser(name, help=help, description=description)
+    _add_sweep_options(parser)
+    if thresholds:
+        _add_threshold_options(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
 def _add_sweeps(commands) -> None:
     sweep = commands.add_parser(
         "sweep",
@@ -200,53 +212,46 @@ def _add_sweeps(commands) -> None:
         ),
     )
     kinds = sweep.add_subparsers(dest="sweep", required=True, metavar="SWEEP")
-    layers = kinds.add_parser(
-        "layers",
-        help="accuracy / perplexity at every layer for every decoder (figures 3, 4)",
-        description=(
+    layers = _sweep_parser(
+        kinds, "layers", _sweep_layers, False,
+        "accuracy / perplexity at every layer for every decoder (figures 3, 4)",
+        (
             "Every decoder at every layer 0..L: logit lens, SPADE, SPADE-NoS, and tuned lens "
             "/ L-SPADE for each --lens given. The prefix runs once per request; the printed "
             "cost ratio compares the whole sweep with one full-depth run of the same requests."
         ),
-    )
-    _add_sweep_options(layers)
+    )  # fmt: skip
     layers.add_argument("--decoders", nargs="+", metavar="NAME",
         help="logit_lens spade spade_nos tuned_lens lspade (default: all; lens decoders "
         "when a lens of their kind is given)")  # fmt: skip
     layers.add_argument("--lens", nargs="+", metavar="DIR",
         help="lens folders (train-lens output); each serves the decoder of its kind")  # fmt: skip
-    layers.set_defaults(run=_sweep_layers)
 
-    thresholds = kinds.add_parser(
-        "thresholds",
-        help="SPADE-EXIT over thresholds against static, logit-lens entropy and margin exits "
+    thresholds = _sweep_parser(
+        kinds, "thresholds", _sweep_thresholds, True,
+        "SPADE-EXIT over thresholds against static, logit-lens entropy and margin exits "
         "(figure 5)",
-        description=(
+        (
             "SPADE-EXIT (entropy of the L-SPADE lens, SPADE decoding) at each threshold, and "
             "the baselines on the same axes: static exit at every layer (SPADE, logit lens), "
             "entropy exit on logit lens (decoded by logit lens), top-2 margin exit from the "
             "lens. Accuracy against mean exit layer and compute fraction."
         ),
-    )
-    _add_sweep_options(thresholds)
-    _add_threshold_options(thresholds)
+    )  # fmt: skip
     thresholds.add_argument("--lens", required=True, metavar="DIR",
         help="L-SPADE lens (train-lens --kind lspade): SPADE-EXIT's confidence")  # fmt: skip
     thresholds.add_argument("--no-baselines", action="store_true",
         help="SPADE-EXIT and static SPADE exits only")  # fmt: skip
-    thresholds.set_defaults(run=_sweep_thresholds)
 
-    transfer = kinds.add_parser(
-        "transfer",
-        help="L-SPADE trained on each task, SPADE-EXIT on every task (figure 6)",
-        description=(
+    transfer = _sweep_parser(
+        kinds, "transfer", _sweep_transfer, True,
+        "L-SPADE trained on each task, SPADE-EXIT on every task (figure 6)",
+        (
             "Trains an L-SPADE lens on the training split of each --train-tasks task (default: "
             "--tasks) into OUT/lenses/, or takes --lens TASK=DIR, then runs SPADE-EXIT over the "
             "thresholds on every --tasks task with each lens."
         ),
-    )
-    _add_sweep_options(transfer)
-    _add_threshold_options(transfer)
+    )  # fmt: skip
     add = transfer.add_argument
     add("--train-tasks", nargs="+", help="tasks to train lenses on (default: --tasks)")
     add("--lens", nargs="+", metavar="TASK=DIR", help="ready lenses instead of training")
@@ -255,7 +260,6 @@ def _add_sweeps(commands) -> None:
     add("--lens-batch-size", type=int, default=16, help="(default: %(default)s)")
     add("--lens-lr", type=float, default=1e-3, help="(default: %(default)s)")
     add("--seed", type=int, default=0, help="lens training seed (default: %(default)s)")
-    transfer.set_defaults(run=_sweep_transfer)
 
     report = commands.add_parser(
         "report",

@@ -15,15 +15,14 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lm_eval_spade.decoders import DecoderKind
 from lm_eval_spade.lens import LensCheckpointError, read_lens
 from lm_eval_spade.sweeps.model import LayerwiseLM
-from lm_eval_spade.sweeps.results import Setting, run_settings, write_manifest
+from lm_eval_spade.sweeps.results import Setting, SweepOutcome, run_sweep
 from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
 from lm_eval_spade.sweeps.spec import Decoding, SweepError
-from lm_eval_spade.sweeps.views import FixedExit, ScoreTable, ScoringCost
+from lm_eval_spade.sweeps.views import FixedExit, ScoringCost
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +45,6 @@ class LayerSweepConfig:
     decoders: list[DecoderKind] = field(default_factory=lambda: list(DEFAULT_DECODERS))
     lenses: list[str] = field(default_factory=list)
     explicit_decoders: bool = False
-
-
-@dataclass
-class SweepOutcome:
-    """What a sweep wrote and what scoring cost."""
-
-    out: Path
-    cost: ScoringCost
-    results: list[dict[str, Any]]
 
 
 def name_lenses(paths: list[str]) -> dict[str, tuple[str, DecoderKind]]:
@@ -121,7 +111,6 @@ def run_layer_sweep(settings: SweepSettings, config: LayerSweepConfig) -> SweepO
         spade_positions=settings.spade_positions,
         **settings.hf_args(),
     )
-    table = ScoreTable(lm, settings.time_full_depth)
     points = [
         Setting(
             f"{setting_name(decoding)}_L{layer}",
@@ -139,18 +128,15 @@ def run_layer_sweep(settings: SweepSettings, config: LayerSweepConfig) -> SweepO
         for decoding in lm.layout.decodings()
         for layer in lm.layout.layers(decoding)
     ]
-    results = run_settings(table, points, task_dict, settings, settings.out)
-    write_manifest(
-        settings.out,
-        "layers",
+    return run_sweep(
+        lm,
+        points,
+        task_dict,
         settings,
+        "layers",
         decoders=[d.label for d in decodings],
         lenses={n: p for n, (p, _) in lenses.items()},
-        num_layers=lm.layout.num_layers,
-        cost=table.cost.to_dict(),
     )
-    logger.info("wrote %d results files under %s", len(points), settings.out / "results")
-    return SweepOutcome(settings.out, table.cost, results)
 
 
 def cost_summary(cost: ScoringCost, columns: int) -> str:

@@ -14,7 +14,7 @@ same requests in the same process.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,15 +136,11 @@ class LayerwiseLM(SpadeExitLM):
     def _desc(self) -> str:
         return f"Scoring {len(self.layout.columns)} layer x decoder columns"
 
-    def _score(
-        self,
-        score: Callable[..., list[Any]],
-        requests: list[Instance],
-        disable_tqdm: bool,
-        rolling: bool,
-    ) -> list[Any]:
-        self._rolling = rolling
-        return score(requests, disable_tqdm=disable_tqdm)
+    def _request_exits(self, requests: list[Instance], rolling: bool) -> list[Any]:
+        return []  # a sweep's costs are per column, inside each RequestScores
+
+    def _record(self, requests: list[Instance], exits: list[Any]) -> None:
+        return None
 
     def _loglikelihood_tokens(
         self,

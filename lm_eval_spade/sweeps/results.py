@@ -23,8 +23,9 @@ from typing import Any
 from tqdm import tqdm
 
 from lm_eval_spade import __version__
+from lm_eval_spade.sweeps.model import LayerwiseLM
 from lm_eval_spade.sweeps.settings import SweepSettings
-from lm_eval_spade.sweeps.views import Rule, ScoresView, ScoreTable
+from lm_eval_spade.sweeps.views import Rule, ScoresView, ScoreTable, ScoringCost
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,15 @@ class Setting:
     name: str
     rule: Rule
     sweep: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep wrote and what scoring cost."""
+
+    out: Path
+    cost: ScoringCost
+    results: list[dict[str, Any]]
 
 
 def slug(text: str) -> str:
@@ -109,3 +119,23 @@ def write_manifest(out: Path, kind: str, settings: SweepSettings, **record: Any)
         **record,
     }
     return write_json(out / MANIFEST, data)
+
+
+def run_sweep(
+    lm: LayerwiseLM,
+    points: Sequence[Setting],
+    task_dict: dict,
+    settings: SweepSettings,
+    kind: str,
+    **record: Any,
+) -> SweepOutcome:
+    """Score the tasks' requests once with `lm`, evaluate every point, write the results
+    and the manifest (with `record` and the scoring cost)."""
+    table = ScoreTable(lm, settings.time_full_depth)
+    results = run_settings(table, points, task_dict, settings, settings.out)
+    cost = table.cost.to_dict()
+    write_manifest(
+        settings.out, kind, settings, num_layers=lm.layout.num_layers, cost=cost, **record
+    )
+    logger.info("wrote %d results files under %s", len(points), settings.out / "results")
+    return SweepOutcome(settings.out, table.cost, results)

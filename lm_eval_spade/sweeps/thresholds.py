@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 from lm_eval_spade.confidence import Confidence
 from lm_eval_spade.decoders import DecoderKind
-from lm_eval_spade.sweeps.layers import DECODER_NAMES, SweepOutcome, name_lenses
+from lm_eval_spade.sweeps.layers import DECODER_NAMES, name_lenses
 from lm_eval_spade.sweeps.model import LayerwiseLM
-from lm_eval_spade.sweeps.results import Setting, run_settings, write_manifest
+from lm_eval_spade.sweeps.results import Setting, SweepOutcome, run_sweep
 from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
 from lm_eval_spade.sweeps.spec import Decoding, Layout, Signal, SweepError, check_schedule
-from lm_eval_spade.sweeps.views import FixedExit, ScoreTable, ThresholdExit
+from lm_eval_spade.sweeps.views import FixedExit, ThresholdExit
 
 
 @dataclass
@@ -165,17 +165,14 @@ def run_threshold_sweep(settings: SweepSettings, config: ThresholdSweepConfig) -
         )
     for decoding in statics:
         points += static_settings(lm.layout, decoding, "thresholds")
-    table = ScoreTable(lm, settings.time_full_depth)
-    results = run_settings(table, points, task_dict, settings, settings.out)
-    write_manifest(
-        settings.out,
-        "thresholds",
+    return run_sweep(
+        lm,
+        points,
+        task_dict,
         settings,
+        "thresholds",
         thresholds=config.thresholds,
         lens=lens_path,
         checks=list(checks),
         series=[s.label for s in series],
-        num_layers=lm.layout.num_layers,
-        cost=table.cost.to_dict(),
     )
-    return SweepOutcome(settings.out, table.cost, results)

@@ -18,13 +18,11 @@ from lm_eval_spade.decoders import DecoderKind
 from lm_eval_spade.lens.jobs import DataSpec, train_and_save
 from lm_eval_spade.lens.training import LensTrainConfig
 from lm_eval_spade.lens.translators import LensKind
-from lm_eval_spade.sweeps.layers import SweepOutcome
 from lm_eval_spade.sweeps.model import LayerwiseLM
-from lm_eval_spade.sweeps.results import run_settings, slug, write_manifest
+from lm_eval_spade.sweeps.results import SweepOutcome, run_sweep, slug
 from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
 from lm_eval_spade.sweeps.spec import Decoding, Signal, SweepError, check_schedule
 from lm_eval_spade.sweeps.thresholds import Series, ThresholdSweepConfig, threshold_settings
-from lm_eval_spade.sweeps.views import ScoreTable
 
 logger = logging.getLogger(__name__)
 
@@ -111,18 +109,15 @@ def run_transfer_sweep(settings: SweepSettings, config: TransferConfig) -> Sweep
             lm.layout, s, thresholds.thresholds, checks, thresholds, lenses[task],
             "transfer", lens_task=task,
         )  # fmt: skip
-    table = ScoreTable(lm, settings.time_full_depth)
-    results = run_settings(table, points, task_dict, settings, settings.out)
-    write_manifest(
-        settings.out,
-        "transfer",
+    return run_sweep(
+        lm,
+        points,
+        task_dict,
         settings,
+        "transfer",
         thresholds=thresholds.thresholds,
         lenses=lenses,
         checks=list(checks),
         lens_training=config.training.to_dict(),
         train_limit=config.train_limit,
-        num_layers=lm.layout.num_layers,
-        cost=table.cost.to_dict(),
     )
-    return SweepOutcome(settings.out, table.cost, results)
