@@ -197,7 +197,8 @@ def _exit_tables(main: pd.DataFrame, by: str) -> str:
     for (task, metric), group in main.groupby(["task", "metric"], sort=True):
         cols = [by, "threshold", "layer", "value", "mean_exit_layer", "compute_fraction"]
         cols = [c for c in cols if c in group.columns]
-        view = group[cols].sort_values([by, "compute_fraction"], ascending=[True, False])
+        keys = [by, "compute_fraction", *[c for c in ("threshold", "layer") if c in cols]]
+        view = group[cols].sort_values(keys, ascending=[True, False] + [True] * (len(keys) - 2))
         view = view.astype(object).where(view.notna(), "")
         view = view.rename(
             columns={

@@ -33,6 +33,7 @@ class ScoringCost:
     full_depth_seconds: float = 0.0
     block_token_passes: float = 0.0
     full_depth_passes: float = 0.0
+    separate_run_passes: float = 0.0  # what one spade-exit run per setting would take
     requests: int = 0
     parts: dict[str, float] = field(default_factory=dict)  # seconds per part of scoring
 
@@ -44,6 +45,13 @@ class ScoringCost:
     def pass_ratio(self) -> float:
         return self.block_token_passes / self.full_depth_passes if self.full_depth_passes else 0.0
 
+    @property
+    def separate_ratio(self) -> float:
+        """Fixed-exit runs of every column, one by one, over one full-depth run."""
+        if not self.full_depth_passes:
+            return 0.0
+        return self.separate_run_passes / self.full_depth_passes
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
@@ -53,6 +61,7 @@ class ScoringCost:
             "block_token_passes": self.block_token_passes,
             "full_depth_block_token_passes": self.full_depth_passes,
             "pass_ratio": self.pass_ratio,
+            "separate_runs_pass_ratio": self.separate_ratio,
             "seconds_by_part": dict(self.parts),
         }
 
@@ -101,6 +110,7 @@ class ScoreTable:
             self._scores[(reqtype, request.args)] = scores
             self.cost.block_token_passes += sweep_passes(lm.layout, scores)
             self.cost.full_depth_passes += scores.passes_full
+            self.cost.separate_run_passes += float(scores.passes.sum())
         self.cost.requests += len(requests)
         self.cost.parts = dict(lm.timer)
 
