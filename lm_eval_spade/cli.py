@@ -75,6 +75,206 @@ def _finetune(args: argparse.Namespace) -> None:
     print(f"adapter saved to {args.out}; evaluate with --model_args pretrained=...,peft={args.out}")
 
 
+def _sweep_settings(args: argparse.Namespace):
+    from lm_eval_spade.decoders import SpadePositions
+    from lm_eval_spade.sweeps.settings import SweepSettings
+
+    return SweepSettings(
+        model=args.model, tasks=args.tasks, out=Path(args.out), limit=args.limit,
+        batch_size=args.batch_size, model_args=args.model_args,
+        include_path=args.include_path, spade_positions=SpadePositions(args.spade_positions),
+        bootstrap_iters=args.bootstrap_iters, time_full_depth=not args.no_full_depth_timing,
+    )  # fmt: skip
+
+
+def _threshold_config(args: argparse.Namespace, lens: str | None):
+    from lm_eval_spade.sweeps.spec import parse_thresholds
+    from lm_eval_spade.sweeps.thresholds import ThresholdSweepConfig
+
+    return ThresholdSweepConfig(
+        parse_thresholds(args.thresholds), lens, args.interval, args.min_layer,
+        baselines=not getattr(args, "no_baselines", False),
+    )  # fmt: skip
+
+
+def _print_sweep(outcome: Any, columns: int) -> None:
+    from lm_eval_spade.sweeps.layers import cost_summary
+    from lm_eval_spade.sweeps.report import load_results, tables
+
+    for text in tables(load_results([outcome.out])).values():
+        print(text + "\n")
+    print(cost_summary(outcome.cost, columns))
+    print(
+        f"results in {outcome.out}/results; tables and figures: lm-eval-spade report {outcome.out}"
+    )
+
+
+def _sweep_layers(args: argparse.Namespace) -> None:
+    from lm_eval_spade.sweeps.layers import DEFAULT_DECODERS, LayerSweepConfig, run_layer_sweep
+    from lm_eval_spade.sweeps.spec import parse_decoders
+
+    explicit = args.decoders is not None
+    decoders = parse_decoders(args.decoders) if explicit else list(DEFAULT_DECODERS)
+    outcome = run_layer_sweep(
+        _sweep_settings(args), LayerSweepConfig(decoders, args.lens or [], explicit)
+    )
+    _print_sweep(outcome, len(outcome.results))
+
+
+def _sweep_thresholds(args: argparse.Namespace) -> None:
+    from lm_eval_spade.sweeps.thresholds import run_threshold_sweep
+
+    outcome = run_threshold_sweep(_sweep_settings(args), _threshold_config(args, args.lens))
+    _print_sweep(outcome, len(outcome.results))
+
+
+def _sweep_transfer(args: argparse.Namespace) -> None:
+    from lm_eval_spade.lens.training import LensTrainConfig
+    from lm_eval_spade.lens.translators import LensKind
+    from lm_eval_spade.sweeps.transfer import (
+        TransferConfig,
+        parse_lens_assignments,
+        run_transfer_sweep,
+    )
+
+    training = LensTrainConfig(
+        LensKind.LSPADE, steps=args.lens_steps, batch_size=args.lens_batch_size,
+        lr=args.lens_lr, seed=args.seed,
+    )  # fmt: skip
+    config = TransferConfig(
+        _threshold_config(args, None), args.train_tasks or [],
+        parse_lens_assignments(args.lens or []), training, args.train_limit,
+    )  # fmt: skip
+    outcome = run_transfer_sweep(_sweep_settings(args), config)
+    _print_sweep(outcome, len(outcome.results))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from lm_eval_spade.sweeps.report import make_report
+
+    report = make_report([Path(d) for d in args.dirs], Path(args.out) if args.out else None)
+    for text in report.markdown.values():
+        print(text + "\n")
+    print("wrote " + ", ".join(str(f) for f in report.files))
+
+
+def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    """What every sweep takes: model, tasks, output, and lm-eval's settings."""
+    add = parser.add_argument
+    add("--model", required=True, help="model directory or hub id")
+    add("--tasks", required=True, nargs="+",
+        help="lm-eval task names (loglikelihood or loglikelihood_rolling tasks)")  # fmt: skip
+    add("--out", required=True, help="output folder (results/ per setting, sweep.json)")
+    add("--limit", type=float, help="documents per task (lm-eval's --limit; < 1: a fraction)")
+    add("--batch-size", type=int, default=16, help="rows per forward (default: %(default)s)")
+    add("--model-args", default="",
+        help="extra HFLM model_args, e.g. max_length=1024,dtype=bfloat16 (defaults: "
+        "device=cpu,dtype=float32,add_bos_token=True)")  # fmt: skip
+    add("--include-path", help="extra lm-eval task folder")
+    add("--spade-positions", default="original", choices=["original", "compact"],
+        help="position ids of SPADE's pair (default: %(default)s)")  # fmt: skip
+    add("--bootstrap-iters", type=int, default=1000,
+        help="lm-eval's bootstrap iterations for stderr (default: %(default)s)")  # fmt: skip
+    add("--no-full-depth-timing", action="store_true",
+        help="skip timing a full-depth run of the same requests (cost ratio's base)")  # fmt: skip
+
+
+def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--thresholds", required=True, nargs="+",
+        help="uncertainty thresholds in nats (numbers, inf, -inf; commas allowed)")  # fmt: skip
+    add("--interval", type=int, default=1, help="check every N blocks (default: %(default)s)")
+    add("--min-layer", type=int, help="first check layer (default: --interval)")
+
+
+def _sweep_parser(
+    kinds, name: str, run, thresholds: bool, help: str, description: str
+) -> argparse.ArgumentParser:
+    """A `sweep NAME` parser with the options every sweep (and every threshold sweep) has."""
+    parser = kinds.add_parser(name, help=help, description=description)
+    _add_sweep_options(parser)
+    if thresholds:
+        _add_threshold_options(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _add_sweeps(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="the paper's experiments: layer, threshold and transfer sweeps",
+        description=(
+            "Each sweep runs every request through the model once, decodes it at every "
+            "layer, and lets lm-eval's own evaluate compute the metrics of every setting "
+            "from those scores. Output: OUT/results/<setting>.json (lm-eval results JSON, "
+            "equal to the spade-exit run its config.model_args names) and OUT/sweep.json "
+            "(settings and cost). Render with `lm-eval-spade report OUT`."
+        ),
+    )
+    kinds = sweep.add_subparsers(dest="sweep", required=True, metavar="SWEEP")
+    layers = _sweep_parser(
+        kinds, "layers", _sweep_layers, False,
+        "accuracy / perplexity at every layer for every decoder (figures 3, 4)",
+        (
+            "Every decoder at every layer 0..L: logit lens, SPADE, SPADE-NoS, and tuned lens "
+            "/ L-SPADE for each --lens given. The prefix runs once per request; the printed "
+            "cost ratio compares the whole sweep with one full-depth run of the same requests."
+        ),
+    )  # fmt: skip
+    layers.add_argument("--decoders", nargs="+", metavar="NAME",
+        help="logit_lens spade spade_nos tuned_lens lspade (default: all; lens decoders "
+        "when a lens of their kind is given)")  # fmt: skip
+    layers.add_argument("--lens", nargs="+", metavar="DIR",
+        help="lens folders (train-lens output); each serves the decoder of its kind")  # fmt: skip
+
+    thresholds = _sweep_parser(
+        kinds, "thresholds", _sweep_thresholds, True,
+        "SPADE-EXIT over thresholds against static, logit-lens entropy and margin exits "
+        "(figure 5)",
+        (
+            "SPADE-EXIT (entropy of the L-SPADE lens, SPADE decoding) at each threshold, and "
+            "the baselines on the same axes: static exit at every layer (SPADE, logit lens), "
+            "entropy exit on logit lens (decoded by logit lens), top-2 margin exit from the "
+            "lens. Accuracy against mean exit layer and compute fraction."
+        ),
+    )  # fmt: skip
+    thresholds.add_argument("--lens", required=True, metavar="DIR",
+        help="L-SPADE lens (train-lens --kind lspade): SPADE-EXIT's confidence")  # fmt: skip
+    thresholds.add_argument("--no-baselines", action="store_true",
+        help="SPADE-EXIT and static SPADE exits only")  # fmt: skip
+
+    transfer = _sweep_parser(
+        kinds, "transfer", _sweep_transfer, True,
+        "L-SPADE trained on each task, SPADE-EXIT on every task (figure 6)",
+        (
+            "Trains an L-SPADE lens on the training split of each --train-tasks task (default: "
+            "--tasks) into OUT/lenses/, or takes --lens TASK=DIR, then runs SPADE-EXIT over the "
+            "thresholds on every --tasks task with each lens."
+        ),
+    )  # fmt: skip
+    add = transfer.add_argument
+    add("--train-tasks", nargs="+", help="tasks to train lenses on (default: --tasks)")
+    add("--lens", nargs="+", metavar="TASK=DIR", help="ready lenses instead of training")
+    add("--train-limit", type=int, help="training documents per task (default: all)")
+    add("--lens-steps", type=int, default=300, help="lens training steps (default: %(default)s)")
+    add("--lens-batch-size", type=int, default=16, help="(default: %(default)s)")
+    add("--lens-lr", type=float, default=1e-3, help="(default: %(default)s)")
+    add("--seed", type=int, default=0, help="lens training seed (default: %(default)s)")
+
+    report = commands.add_parser(
+        "report",
+        help="tables (markdown, CSV) and figures (PNG) from sweep or lm-eval result folders",
+        description=(
+            "Reads every lm-eval results JSON under DIR... (sweep output, or lm_eval "
+            "--output_path folders of spade-exit runs) and writes, per sweep kind, "
+            "<kind>.csv, <kind>.md and PNG figures into --out (default: DIR/report)."
+        ),
+    )
+    report.add_argument("dirs", nargs="+", metavar="DIR", help="result folders")
+    report.add_argument("--out", help="where to write (default: first DIR/report)")
+    report.set_defaults(run=_report)
+
+
 def _add_training_options(
     parser: argparse.ArgumentParser, unit: str, steps: int, batch_size: int, lr: float
 ) -> None:
@@ -210,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     _add_train_lens(commands)
     _add_finetune(commands)
+    _add_sweeps(commands)
     return parser
 
 
@@ -223,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except UserInputError as err:
         # Bad input is the user's to fix: one line naming it, no traceback.
-        raise SystemExit(f"lm-eval-spade {args.command}: error: {err}") from None
+        command = " ".join(filter(None, [args.command, getattr(args, "sweep", None)]))
+        raise SystemExit(f"lm-eval-spade {command}: error: {err}") from None
 
 
 if __name__ == "__main__":

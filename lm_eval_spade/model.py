@@ -320,6 +320,18 @@ class SpadeExitLM(HFLM):
     ) -> list[tuple[float, bool]]:
         if self._delegates:
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        ordered = self._score_in_order(requests, disable_tqdm, override_bs)
+        self._row_exits.extend(exit for _, exit in ordered)
+        return [answer for answer, _ in ordered]
+
+    def _score_in_order(
+        self,
+        requests: list[TokenRequest],
+        disable_tqdm: bool,
+        override_bs: int | None,
+    ) -> list[tuple[Any, Any]]:
+        """HFLM's sorting, grouping and batching around `_score_chunk`: what it yields
+        for every request, back in the order of `requests`."""
         re_ord = Collator(
             requests,
             sort_fn=_sort_key,
@@ -330,16 +342,14 @@ class SpadeExitLM(HFLM):
         if batch_size == "auto":
             batch_size = override_bs or self._detect_batch_size(requests)
         decided: dict[tuple[int, ...], int] = {}
-        res: list[tuple[tuple[float, bool], RequestExit]] = []
+        res: list[tuple[Any, Any]] = []
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc=self._desc())
         for chunk in re_ord.get_batched(n=batch_size):
             for answer in self._score_chunk(chunk, re_ord, decided):
                 res.append(answer)
                 pbar.update(1)
         pbar.close()
-        ordered = re_ord.get_original(res)
-        self._row_exits.extend(exit for _, exit in ordered)
-        return [answer for answer, _ in ordered]
+        return re_ord.get_original(res)
 
     def _desc(self) -> str:
         spade = self.spade
@@ -351,18 +361,7 @@ class SpadeExitLM(HFLM):
         self, chunk: Sequence[TokenRequest], re_ord: Collator, decided: dict
     ) -> Iterator[tuple[tuple[float, bool], RequestExit]]:
         """Yield the answer and exit of every request the chunk's forwards serve."""
-        inputs, cont_lens = [], []
-        for _, context_enc, continuation_enc in chunk:
-            tokens = (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1]
-            if len(context_enc) + len(continuation_enc) > self.max_length + 1:
-                logger.warning(
-                    "context + continuation (%d tokens) exceed max_length %d; truncating "
-                    "from the left as HFLM does.",
-                    len(context_enc) + len(continuation_enc),
-                    self.max_length,
-                )
-            inputs.append(torch.tensor(tokens, dtype=torch.long, device=self.device))
-            cont_lens.append(len(continuation_enc))
+        inputs, cont_lens = self._chunk_inputs(chunk)
         input_lens = [len(t) for t in inputs]
         rows = self._score_rows(inputs, input_lens, cont_lens, decided)
         for (request_str, context_enc, cont_toks), row, n in zip(
@@ -392,6 +391,23 @@ class SpadeExitLM(HFLM):
                     self.cache_hook.add_partial("loglikelihood", hit_str, answer)
                 yield answer, exit
 
+    def _chunk_inputs(self, chunk: Sequence[TokenRequest]) -> tuple[list[torch.Tensor], list[int]]:
+        """Each request's model input (context + continuation, minus the last token, cut
+        to max_length from the left as HFLM does) and its continuation length."""
+        inputs, cont_lens = [], []
+        for _, context_enc, continuation_enc in chunk:
+            tokens = (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1]
+            if len(context_enc) + len(continuation_enc) > self.max_length + 1:
+                logger.warning(
+                    "context + continuation (%d tokens) exceed max_length %d; truncating "
+                    "from the left as HFLM does.",
+                    len(context_enc) + len(continuation_enc),
+                    self.max_length,
+                )
+            inputs.append(torch.tensor(tokens, dtype=torch.long, device=self.device))
+            cont_lens.append(len(continuation_enc))
+        return inputs, cont_lens
+
     def _score_rows(
         self,
         inputs: list[torch.Tensor],
@@ -402,7 +418,8 @@ class SpadeExitLM(HFLM):
         assert self.arch is not None and self.plan is not None
         ids = pad_and_concat(max(input_lens), list(inputs), padding_side="right")
         if self.plan.checks:
-            self._check_start_tokens(ids[:, 0].tolist())
+            assert self.spade.decoder is not None
+            self._check_start_tokens(ids[:, 0].tolist(), self.spade.decoder)
         with self._inference():
             return score_rows(
                 self.arch,
@@ -415,23 +432,22 @@ class SpadeExitLM(HFLM):
                 softmax_dtype=self.softmax_dtype,
             )
 
-    def _inference(self) -> contextlib.ExitStack:
-        """No gradients, and HFLM's mixed precision where it is set."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.no_grad())
-        stack.enter_context(
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """No gradients, and HFLM's mixed precision when it has one."""
+        with (
+            torch.no_grad(),
             torch.autocast(
                 device_type=self.device.type,
                 dtype=self.mixed_precision_dtype,
                 enabled=self.mixed_precision_dtype is not None,
-            )
-        )
-        return stack
+            ),
+        ):
+            yield
 
-    def _check_start_tokens(self, first: list[int]) -> None:
-        """SPADE pairs every position with position 0, which must be a start token."""
-        decoder = self.spade.decoder
-        assert decoder is not None
+    def _check_start_tokens(self, first: list[int], decoder: DecoderKind) -> None:
+        """SPADE pairs every position with position 0, which must be a start token:
+        `first` is each row's first real token."""
         if not decoder.needs_start_token:
             return
         starts = {t for t in (self.tokenizer.bos_token_id, self.prefix_token_id) if t is not None}
@@ -477,8 +493,9 @@ class SpadeExitLM(HFLM):
         attention_mask = generation_kwargs.pop("attention_mask")
         sampling = Sampling.from_request(generation_kwargs, self.model.generation_config)
         if self.plan.checks:
+            assert self.spade.decoder is not None
             first = context[torch.arange(len(context)), attention_mask.long().argmax(dim=1)]
-            self._check_start_tokens(first.tolist())
+            self._check_start_tokens(first.tolist(), self.spade.decoder)
         eos = self.model.generation_config.eos_token_id
         eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         pad = self.tokenizer.pad_token_id

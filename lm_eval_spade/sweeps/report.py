@@ -1,0 +1,355 @@
+"""`lm-eval-spade report DIR...`: tables (markdown, CSV) and figures (PNG) from results.
+
+It reads every lm-eval results JSON under the given folders: the files the sweeps write
+(their `sweep` block says which sweep and which point), and plain `lm_eval --model
+spade-exit --output_path ...` or `--model hf` results, placed by their `config.spade`
+settings (a fixed `exit_layer` is a layer-sweep point, a `threshold` a SPADE-EXIT point,
+no exit setting the full model). For each kind of sweep found it writes:
+
+- `<kind>.csv`: one row per (results file, task, metric), everything the report knows;
+- `<kind>.md`: leaderboard-style tables of each task's main metric (accuracy for
+  multiple choice, word perplexity for text), with exit layer and compute fraction;
+- `<kind>*.png`: the paper's figures: metric by layer per decoder (figures 3, 4),
+  accuracy against mean exit layer and compute fraction (figure 5), per lens (figure 6).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lm_eval_spade.sweeps.layers import DECODER_NAMES
+from lm_eval_spade.sweeps.results import MANIFEST
+from lm_eval_spade.sweeps.spec import SweepError
+
+logger = logging.getLogger(__name__)
+
+#: Metrics a task is judged by, in order of preference, and how they read.
+MAIN_METRICS = {
+    "acc": "accuracy",
+    "acc_norm": "accuracy (length-normalised)",
+    "word_perplexity": "word perplexity",
+    "byte_perplexity": "byte perplexity",
+    "bits_per_byte": "bits per byte",
+}
+LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+KINDS = ("layers", "thresholds", "transfer")
+
+
+@dataclass
+class Report:
+    """What `report` made: the long table and the files written."""
+
+    table: pd.DataFrame
+    files: list[Path]
+    markdown: dict[str, str]
+
+
+# --- reading -----------------------------------------------------------------------------
+def _is_results(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("results"), dict) and "config" in data
+
+
+def _placement(data: dict[str, Any]) -> dict[str, Any]:
+    """Where a results file sits: its sweep block, or what its spade settings imply."""
+    if isinstance(data.get("sweep"), dict):
+        return dict(data["sweep"])
+    spade = (data.get("config") or {}).get("spade")
+    if not isinstance(spade, dict):
+        return {"kind": "full model", "series": "full model"}
+    config = spade.get("config", {})
+    decoder = config.get("decoder") or "spade"
+    num_layers = spade.get("num_layers")
+    if config.get("exit_layer") is not None:
+        return {
+            "kind": "layers",
+            "decoder": decoder,
+            "decoder_label": DECODER_NAMES.get(_decoder_kind(decoder), decoder),
+            "layer": config["exit_layer"],
+            "num_layers": num_layers,
+        }
+    if config.get("threshold") is not None:
+        return {
+            "kind": "thresholds",
+            "series": f"{config.get('confidence')} of {config.get('confidence_decoder')}, "
+            f"decoded by {decoder}",
+            "threshold": float(config["threshold"]),
+            "decoder": decoder,
+            "num_layers": num_layers,
+        }
+    return {"kind": "full model", "series": "full model", "num_layers": num_layers}
+
+
+def _decoder_kind(name: str):
+    from lm_eval_spade.decoders import DecoderKind
+
+    try:
+        return DecoderKind(name)
+    except ValueError:
+        return name
+
+
+def _rows(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    place = _placement(data)
+    tasks = ((data.get("config") or {}).get("spade") or {}).get("tasks", {})
+    rows = []
+    for task, metrics in data["results"].items():
+        if not isinstance(metrics, dict):
+            continue
+        stats = tasks.get(task, {})
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if not filt or "_stderr" in metric or isinstance(value, bool):
+                continue
+            if not isinstance(value, int | float):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            rows.append(
+                {
+                    **place,
+                    "file": str(path),
+                    "task": task,
+                    "metric": metric,
+                    "value": float(value),
+                    "stderr": float(stderr) if isinstance(stderr, int | float) else None,
+                    "samples": metrics.get("sample_len")
+                    or (data.get("n-samples", {}).get(task) or {}).get("effective"),
+                    "mean_exit_layer": stats.get("mean_exit_layer"),
+                    "compute_fraction": stats.get("compute_fraction", 1.0 if not tasks else None),
+                }
+            )
+    return rows
+
+
+def load_results(dirs: list[Path]) -> pd.DataFrame:
+    """The long table of every results JSON under `dirs`; clear errors for folders that
+    are missing, empty, or hold no lm-eval results."""
+    rows: list[dict[str, Any]] = []
+    for folder in dirs:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SweepError(
+                f"{folder} is not a folder; give sweep output or lm-eval result folders."
+            )
+        found = 0
+        for path in sorted(folder.rglob("*.json")):
+            if path.name == MANIFEST or "report" in path.relative_to(folder).parts[:-1]:
+                continue
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                continue
+            if _is_results(data):
+                rows += _rows(path, data)
+                found += 1
+        if not found:
+            raise SweepError(
+                f"{folder} holds no lm-eval results files (JSON with 'results' and 'config'); "
+                "point report at the --out folder of a sweep or an lm_eval --output_path."
+            )
+    table = pd.DataFrame(rows)
+    if table.empty:
+        raise SweepError(f"the results under {', '.join(map(str, dirs))} hold no task metrics.")
+    return table
+
+
+def main_metrics(table: pd.DataFrame) -> pd.DataFrame:
+    """Each task's main metric only (accuracy, else word perplexity, ...)."""
+    chosen = []
+    for _, group in table.groupby("task", sort=True):
+        metrics = set(group["metric"])
+        metric = next((m for m in MAIN_METRICS if m in metrics), sorted(metrics)[0])
+        chosen.append(group[group["metric"] == metric])
+    return pd.concat(chosen, ignore_index=True)
+
+
+def _label(metric: str) -> str:
+    return MAIN_METRICS.get(metric, metric.replace("_", " "))
+
+
+# --- tables ------------------------------------------------------------------------------
+def _layer_tables(main: pd.DataFrame) -> str:
+    parts = []
+    for (task, metric), group in main.groupby(["task", "metric"], sort=True):
+        pivot = group.pivot_table(
+            index="layer", columns="decoder_label", values="value", aggfunc="first"
+        )
+        order = [d for d in DECODER_NAMES.values() if d in pivot.columns]
+        pivot = pivot[order + [c for c in pivot.columns if c not in order]]
+        pivot.columns.name = None
+        n = group["samples"].dropna()
+        size = f", {int(n.iloc[0])} documents" if len(n) else ""
+        better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+        parts.append(
+            f"### {task}: {_label(metric)} by layer ({better}{size})\n\n"
+            + pivot.to_markdown(floatfmt=".4g")
+        )
+    return "\n\n".join(parts)
+
+
+def _exit_tables(main: pd.DataFrame, by: str) -> str:
+    parts = []
+    for (task, metric), group in main.groupby(["task", "metric"], sort=True):
+        cols = [by, "threshold", "layer", "value", "mean_exit_layer", "compute_fraction"]
+        cols = [c for c in cols if c in group.columns]
+        keys = [by, "compute_fraction", *[c for c in ("threshold", "layer") if c in cols]]
+        view = group[cols].sort_values(keys, ascending=[True, False] + [True] * (len(keys) - 2))
+        view = view.astype(object).where(view.notna(), "")
+        view = view.rename(
+            columns={
+                "value": _label(metric),
+                "mean_exit_layer": "mean exit layer",
+                "compute_fraction": "compute fraction",
+                "lens_task": "L-SPADE trained on",
+            }
+        )
+        parts.append(
+            f"### {task}: {_label(metric)} against exit layer and compute\n\n"
+            + view.to_markdown(index=False, floatfmt=".4g", missingval="")
+        )
+    return "\n\n".join(parts)
+
+
+def tables(table: pd.DataFrame) -> dict[str, str]:
+    """Markdown per sweep kind found in the long table."""
+    main = main_metrics(table)
+    out = {}
+    if (main["kind"] == "layers").any():
+        out["layers"] = _layer_tables(main[main["kind"] == "layers"])
+    if (main["kind"] == "thresholds").any():
+        out["thresholds"] = _exit_tables(main[main["kind"] == "thresholds"], "series")
+    if (main["kind"] == "transfer").any():
+        out["transfer"] = _exit_tables(main[main["kind"] == "transfer"], "lens_task")
+    if not out:
+        kinds = ", ".join(sorted(set(main["kind"])))
+        raise SweepError(
+            f"the results found are of kind(s) {kinds} only; the report needs layer, "
+            "threshold or transfer sweeps (or spade-exit runs with exit_layer or threshold)."
+        )
+    return out
+
+
+# --- figures -----------------------------------------------------------------------------
+def _full_model_line(ax, group: pd.DataFrame) -> None:
+    num_layers = group["num_layers"].dropna()
+    if "layer" not in group or num_layers.empty:
+        return
+    full = group[group["layer"] == num_layers.max()]["value"]
+    if len(full):
+        ax.axhline(full.iloc[0], color="0.3", linestyle="--", linewidth=1, label="full model")
+
+
+def _layer_figures(main: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    files = []
+    main = main.assign(perplexity=main["metric"].isin(LOWER_IS_BETTER))
+    for perplexity, part in main.groupby("perplexity"):
+        tasks = sorted(part["task"].unique())
+        fig, axes = plt.subplots(1, len(tasks), figsize=(max(6, 5 * len(tasks)), 4), squeeze=False)
+        order = [d for d in DECODER_NAMES.values() if d in set(part["decoder_label"])]
+        order += sorted(set(part["decoder_label"]) - set(order))
+        for ax, task in zip(axes[0], tasks, strict=True):
+            group = part[part["task"] == task]
+            sns.lineplot(
+                data=group.sort_values("layer"), x="layer", y="value", hue="decoder_label",
+                style="decoder_label", hue_order=order, style_order=order, markers=True,
+                dashes=False, ax=ax,
+            )  # fmt: skip
+            _full_model_line(ax, group[group["decoder"] != "lspade"])
+            metric = group["metric"].iloc[0]
+            if perplexity:
+                ax.set_yscale("log")
+            ax.set(
+                title=task,
+                xlabel="layer decoded (blocks run)",
+                ylabel=_label(metric) + (" (log scale, lower is better)" if perplexity else ""),
+            )
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.legend(title="decoder", fontsize="small")
+        fig.suptitle("Layer-wise " + ("perplexity" if perplexity else "accuracy") + " per decoder")
+        fig.tight_layout()
+        path = out / f"layers_{'perplexity' if perplexity else 'accuracy'}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def _exit_figure(main: pd.DataFrame, hue: str, legend: str, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    tasks = sorted(main["task"].unique())
+    order = sorted(main[hue].dropna().unique(), key=lambda s: (not str(s).startswith("SPADE"), s))
+    axes_x = [
+        ("mean_exit_layer", "mean exit layer (blocks run)"),
+        ("compute_fraction", "compute fraction (block-token passes / full model)"),
+    ]
+    fig, axes = plt.subplots(2, len(tasks), figsize=(max(7, 5 * len(tasks)), 8), squeeze=False)
+    for col, task in enumerate(tasks):
+        group = main[main["task"] == task]
+        for row, (x, xlabel) in enumerate(axes_x):
+            ax = axes[row][col]
+            sns.lineplot(
+                data=group.sort_values(x), x=x, y="value", hue=hue, style=hue,
+                hue_order=order, style_order=order, markers=True, dashes=False, sort=False,
+                ax=ax,
+            )  # fmt: skip
+            _full_model_line(ax, group[group.get("decoder", "") == "spade"])
+            ax.set(title=task, xlabel=xlabel, ylabel=_label(group["metric"].iloc[0]))
+            ax.legend(title=legend, fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def figures(table: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    main = main_metrics(table)
+    files = []
+    if (main["kind"] == "layers").any():
+        files += _layer_figures(main[main["kind"] == "layers"], out)
+    if (main["kind"] == "thresholds").any():
+        files.append(
+            _exit_figure(
+                main[main["kind"] == "thresholds"], "series", "exit rule",
+                "SPADE-EXIT against baselines: accuracy vs exit layer and compute",
+                out / "thresholds.png",
+            )
+        )  # fmt: skip
+    if (main["kind"] == "transfer").any():
+        files.append(
+            _exit_figure(
+                main[main["kind"] == "transfer"], "lens_task", "L-SPADE trained on",
+                "SPADE-EXIT with L-SPADE trained on each task",
+                out / "transfer.png",
+            )
+        )  # fmt: skip
+    return files
+
+
+def make_report(dirs: list[Path], out: Path | None = None) -> Report:
+    """Read `dirs`, write CSV, markdown and PNG files into `out` (default DIR/report)."""
+    table = load_results(dirs)
+    out = Path(out) if out is not None else Path(dirs[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = tables(table)
+    files = []
+    for kind, text in markdown.items():
+        table[table["kind"] == kind].to_csv(out / f"{kind}.csv", index=False)
+        (out / f"{kind}.md").write_text(text + "\n")
+        files += [out / f"{kind}.csv", out / f"{kind}.md"]
+    files += figures(table, out)
+    logger.info("wrote %s", ", ".join(str(f) for f in files))
+    return Report(table, files, markdown)

@@ -1,0 +1,141 @@
+"""Sweep output: one lm-eval results JSON per setting, and a manifest per sweep.
+
+A sweep writes `OUT/results/<setting>.json` for every setting it evaluates, each what
+`lm_eval --model spade-exit --model_args <config.model_args> --tasks ...` writes
+(`results`, `configs`, `versions`, `n-shot`, `higher_is_better`, `n-samples`, and
+`config` with `config.spade`: settings and per-task exit statistics), plus a `sweep`
+block naming the sweep kind and the setting's place in it. `OUT/sweep.json` holds the
+sweep's own record: kind, settings and what scoring cost. `report` reads both, and
+plain lm-eval result folders too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from lm_eval_spade import __version__
+from lm_eval_spade.sweeps.model import LayerwiseLM
+from lm_eval_spade.sweeps.settings import SweepSettings
+from lm_eval_spade.sweeps.views import Rule, ScoresView, ScoreTable, ScoringCost
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "sweep.json"
+
+
+@dataclass
+class Setting:
+    """One point of a sweep: a name, its exit rule, and how the report places it."""
+
+    name: str
+    rule: Rule
+    sweep: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep wrote and what scoring cost."""
+
+    out: Path
+    cost: ScoringCost
+    results: list[dict[str, Any]]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text).strip("-")
+
+
+def evaluate_setting(
+    table: ScoreTable, setting: Setting, task_dict: dict, settings: SweepSettings
+) -> dict[str, Any]:
+    """lm-eval's `evaluate` against the setting's view, with the run's `config`."""
+    from lm_eval.evaluator import evaluate
+
+    view = ScoresView(table, setting.rule)
+    results = evaluate(
+        lm=view,
+        task_dict=task_dict,
+        limit=settings.limit,
+        log_samples=False,
+        bootstrap_iters=settings.bootstrap_iters,
+        verbosity="WARNING",
+    )
+    assert results is not None
+    spade = view.spade_info()
+    results["config"] = {
+        "model": "spade-exit",
+        "model_args": settings.model_args_string(setting.rule.settings()),
+        "batch_size": settings.batch_size,
+        "limit": settings.limit,
+        "bootstrap_iters": settings.bootstrap_iters,
+        "spade": spade,
+    }
+    results["sweep"] = {"setting": setting.name, **setting.sweep}
+    return results
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write JSON via a temporary file, so a crash never leaves half a file."""
+    from lm_eval.utils import handle_non_serializable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=handle_non_serializable) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def run_settings(
+    table: ScoreTable,
+    settings_list: Sequence[Setting],
+    task_dict: dict,
+    settings: SweepSettings,
+    out: Path,
+) -> list[dict[str, Any]]:
+    """Evaluate every setting and write its results JSON under `out/results/`."""
+    written = []
+    for setting in tqdm(settings_list, desc="settings (lm-eval metrics)"):
+        results = evaluate_setting(table, setting, task_dict, settings)
+        write_json(out / "results" / f"{slug(setting.name)}.json", results)
+        written.append(results)
+    return written
+
+
+def write_manifest(out: Path, kind: str, settings: SweepSettings, **record: Any) -> Path:
+    data = {
+        "kind": kind,
+        "package_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings.to_dict(),
+        **record,
+    }
+    return write_json(out / MANIFEST, data)
+
+
+def run_sweep(
+    lm: LayerwiseLM,
+    points: Sequence[Setting],
+    task_dict: dict,
+    settings: SweepSettings,
+    kind: str,
+    **record: Any,
+) -> SweepOutcome:
+    """Score the tasks' requests once with `lm`, evaluate every point, write the results
+    and the manifest (with `record` and the scoring cost)."""
+    table = ScoreTable(lm, settings.time_full_depth)
+    results = run_settings(table, points, task_dict, settings, settings.out)
+    cost = table.cost.to_dict()
+    write_manifest(
+        settings.out, kind, settings, num_layers=lm.layout.num_layers, cost=cost, **record
+    )
+    logger.info("wrote %d results files under %s", len(points), settings.out / "results")
+    return SweepOutcome(settings.out, table.cost, results)

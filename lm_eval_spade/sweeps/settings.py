@@ -1,0 +1,83 @@
+"""What every sweep is given: the model, tasks, output folder and lm-eval settings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lm_eval_spade.decoders import SpadePositions
+from lm_eval_spade.sweeps.spec import SweepError
+
+#: HFLM settings sweeps use unless --model-args says otherwise. SPADE pairs every
+#: position with the start token, so requests get one (`add_bos_token`).
+DEFAULT_MODEL_ARGS = {"device": "cpu", "dtype": "float32", "add_bos_token": True}
+
+
+@dataclass
+class SweepSettings:
+    """Model, tasks and lm-eval settings shared by the three sweeps.
+
+    `model_args` are extra HFLM model_args as lm-eval's `--model_args` takes them
+    (`max_length=1024,dtype=bfloat16`); `limit` is lm-eval's `--limit` (documents per
+    task, or a fraction below 1).
+    """
+
+    model: str
+    tasks: list[str]
+    out: Path
+    limit: float | None = None
+    batch_size: int = 16
+    model_args: str = ""
+    include_path: str | None = None
+    spade_positions: SpadePositions = SpadePositions.ORIGINAL
+    bootstrap_iters: int = 1000
+    time_full_depth: bool = True
+
+    def hf_args(self) -> dict[str, Any]:
+        """HFLM model_args: the defaults, overridden by `model_args`."""
+        from lm_eval.utils import simple_parse_args_string
+
+        try:
+            given = simple_parse_args_string(self.model_args)
+        except (ValueError, IndexError) as err:
+            raise SweepError(
+                f"--model-args {self.model_args!r} is not KEY=VALUE[,KEY=VALUE...] ({err})."
+            ) from err
+        for key in ("pretrained", "exit_layer", "threshold", "decoder", "lens"):
+            if key in given:
+                raise SweepError(
+                    f"--model-args sets {key}, which the sweep chooses itself; use --model "
+                    "for the model and the sweep's own options for the rest."
+                )
+        return {**DEFAULT_MODEL_ARGS, "batch_size": self.batch_size, **given}
+
+    def model_args_string(self, spade: dict[str, Any]) -> str:
+        """The `--model_args` of an equivalent `lm_eval --model spade-exit` run."""
+        args = {"pretrained": self.model, **self.hf_args(), **spade}
+        args.pop("batch_size", None)
+        if self.spade_positions is not SpadePositions.ORIGINAL:
+            args["spade_positions"] = self.spade_positions.value
+        return ",".join(f"{k}={v}" for k, v in args.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"], data["spade_positions"] = str(self.out), self.spade_positions.value
+        return data
+
+
+def load_tasks(names: list[str], include_path: str | None) -> dict:
+    """lm-eval's task dict for `names` (tasks, groups or tags), with a clear error for
+    names lm-eval does not know."""
+    from lm_eval.tasks import TaskManager
+
+    if not names:
+        raise SweepError("no tasks given: --tasks NAME [NAME ...] (lm-eval task names).")
+    manager = TaskManager(include_path=include_path)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise SweepError(
+            f"lm-eval knows no task {', '.join(map(repr, unknown))}; see `lm_eval ls tasks` "
+            "(or give --include-path for a local task folder)."
+        )
+    return manager.load(names)

@@ -1,0 +1,178 @@
+"""`lm-eval-spade sweep thresholds`: SPADE-EXIT's accuracy-compute trade-off (figure 5).
+
+SPADE-EXIT at each threshold, and on the same axes (accuracy against mean exit layer
+and compute fraction) the baselines:
+
+- static exit: every request exits at layer l (SPADE, and logit lens), for every l;
+- entropy exit on logit lens: the classic early exit, deciding and decoding with the
+  model's own head on `h^l`;
+- top-2 margin exit: SPADE-EXIT's rule with `-log(p1 - p2)` instead of entropy, from the
+  same lens (the paper's "probability difference" baseline).
+
+Nothing is rerun per threshold: one layer-wise pass gives every request's answer at
+every layer and its uncertainties at every check layer, and each threshold picks, per
+question, the first check where the uncertainty is at most the threshold (`views.py`).
+Each results file equals the spade-exit run its `config.model_args` names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lm_eval_spade.confidence import Confidence
+from lm_eval_spade.decoders import DecoderKind
+from lm_eval_spade.sweeps.layers import DECODER_NAMES, name_lenses
+from lm_eval_spade.sweeps.model import LayerwiseLM
+from lm_eval_spade.sweeps.results import Setting, SweepOutcome, run_sweep
+from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
+from lm_eval_spade.sweeps.spec import Decoding, Layout, Signal, SweepError, check_schedule
+from lm_eval_spade.sweeps.views import FixedExit, ThresholdExit
+
+
+@dataclass
+class ThresholdSweepConfig:
+    """Thresholds (nats), SPADE-EXIT's check schedule, and its confidence lens."""
+
+    thresholds: list[float]
+    lens: str | None = None
+    interval: int = 1
+    min_layer: int | None = None
+    baselines: bool = True
+
+
+@dataclass(frozen=True)
+class Series:
+    """An exit rule family swept over the thresholds."""
+
+    label: str
+    signal: Signal
+    decoding: Decoding
+
+
+def threshold_settings(
+    layout: Layout,
+    series: Series,
+    thresholds: Sequence[float],
+    checks: tuple[int, ...],
+    config: ThresholdSweepConfig,
+    lens_path: str | None,
+    kind: str,
+    **sweep: object,
+) -> list[Setting]:
+    """One setting per threshold of `series`."""
+    min_layer = checks[0] if checks else config.interval
+    return [
+        Setting(
+            f"{series.label}_T{threshold:g}",
+            ThresholdExit(
+                layout,
+                series.signal,
+                threshold,
+                series.decoding,
+                checks,
+                config.interval,
+                min_layer,
+                lens_path,
+            ),
+            {
+                "kind": kind,
+                "series": series.label,
+                "threshold": threshold,
+                "confidence": series.signal.measure.value,
+                "confidence_decoder": series.signal.source.kind.value,
+                "decoder": series.decoding.kind.value,
+                "num_layers": layout.num_layers,
+                **sweep,
+            },
+        )
+        for threshold in thresholds
+    ]
+
+
+def static_settings(layout: Layout, decoding: Decoding, kind: str) -> list[Setting]:
+    """Static exit at every layer with `decoding`."""
+    label = f"static exit ({DECODER_NAMES[decoding.kind]})"
+    return [
+        Setting(
+            f"{label}_L{layer}",
+            FixedExit(layout, decoding, layer),
+            {
+                "kind": kind,
+                "series": label,
+                "layer": layer,
+                "decoder": decoding.kind.value,
+                "num_layers": layout.num_layers,
+            },
+        )
+        for layer in layout.layers(decoding)
+    ]
+
+
+def series_for(lens_name: str, lens_kind: DecoderKind, baselines: bool) -> list[Series]:
+    source = Decoding(lens_kind, lens_name)
+    spade = Decoding(DecoderKind.SPADE)
+    short = DECODER_NAMES[lens_kind]
+    out = [Series("SPADE-EXIT", Signal(source, Confidence.ENTROPY), spade)]
+    if baselines:
+        out += [
+            Series(f"top-2 margin ({short})", Signal(source, Confidence.MARGIN), spade),
+            Series(
+                "entropy (logit lens)",
+                Signal(Decoding(DecoderKind.LOGIT_LENS), Confidence.ENTROPY),
+                Decoding(DecoderKind.LOGIT_LENS),
+            ),
+        ]
+    return out
+
+
+def run_threshold_sweep(settings: SweepSettings, config: ThresholdSweepConfig) -> SweepOutcome:
+    settings.hf_args()  # bad --model-args fail before anything loads
+    if config.lens is None:
+        raise SweepError(
+            "sweep thresholds needs --lens DIR: SPADE-EXIT's confidence comes from an L-SPADE "
+            "lens (`lm-eval-spade train-lens --kind lspade ...`)."
+        )
+    lenses = name_lenses([config.lens])
+    (lens_name, (lens_path, lens_kind)), *_ = lenses.items()
+    if not lens_kind.needs_lens:  # pragma: no cover - read_lens only knows lens kinds
+        raise SweepError(f"--lens {lens_path} is not a lens.")
+    series = series_for(lens_name, lens_kind, config.baselines)
+    statics = [Decoding(DecoderKind.SPADE)]
+    if config.baselines:
+        statics.append(Decoding(DecoderKind.LOGIT_LENS))
+    task_dict = load_tasks(settings.tasks, settings.include_path)
+    lm = LayerwiseLM(
+        settings.model,
+        [*statics, *(s.decoding for s in series)],
+        [s.signal for s in series],
+        lenses={lens_name: lens_path},
+        spade_positions=settings.spade_positions,
+        **settings.hf_args(),
+    )
+    checks = check_schedule(lm.layout.num_layers, config.interval, config.min_layer)
+    missing = sorted(set(checks) - set(lm.lenses[lens_name].layers))
+    if missing:
+        raise SweepError(
+            f"the lens at {lens_path} has no translators for check layers {missing}; train "
+            "one that covers them, or change --interval / --min-layer."
+        )
+    points = []
+    for s in series:
+        path = lens_path if s.signal.source.kind.needs_lens else None
+        points += threshold_settings(
+            lm.layout, s, config.thresholds, checks, config, path, "thresholds"
+        )
+    for decoding in statics:
+        points += static_settings(lm.layout, decoding, "thresholds")
+    return run_sweep(
+        lm,
+        points,
+        task_dict,
+        settings,
+        "thresholds",
+        thresholds=config.thresholds,
+        lens=lens_path,
+        checks=list(checks),
+        series=[s.label for s in series],
+    )

@@ -1,0 +1,242 @@
+"""Sweeps and report on stories260K with the real ARC files and the story-sentence task.
+
+Each sweep's numbers are checked against real `lm_eval --model spade-exit` runs
+(`simple_evaluate`) of the setting its results file names: same metric, exit histogram
+and compute fraction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import lm_eval
+import matplotlib.image
+import pytest
+from lmutil import DATA, STORIES
+
+from lm_eval_spade.cli import main
+from lm_eval_spade.lens.jobs import DataSpec, train_and_save
+from lm_eval_spade.lens.training import LensTrainConfig
+from lm_eval_spade.lens.translators import LensKind
+from lm_eval_spade.sweeps.settings import SweepSettings
+from lm_eval_spade.sweeps.thresholds import ThresholdSweepConfig
+from lm_eval_spade.sweeps.transfer import TransferConfig, run_transfer_sweep
+from lm_eval_spade.tasks import offline
+
+ARC, STORY = "arc_easy_spade", "tinystories_sentences_spade"
+LIMIT = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_data():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(offline.ENV, str(DATA))
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def lens(tmp_path_factory, local_data) -> Path:
+    """A small L-SPADE lens on ARC-Easy training prompts (a few seconds)."""
+    out = tmp_path_factory.mktemp("lens") / "arc"
+    config = LensTrainConfig(LensKind.LSPADE, steps=20, batch_size=8)
+    train_and_save(str(STORIES), DataSpec(ARC, limit=48), config, out)
+    return out
+
+
+def run_cli(*argv: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(list(argv))
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def layer_sweep(tmp_path_factory, lens) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("layers")
+    printed = run_cli(
+        "sweep", "layers", "--model", str(STORIES), "--tasks", STORY, ARC,
+        "--limit", str(LIMIT), "--batch-size", "4", "--out", str(out), "--lens", str(lens),
+    )  # fmt: skip
+    return out, printed
+
+
+@pytest.fixture(scope="module")
+def threshold_sweep(tmp_path_factory, lens) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("thresholds")
+    printed = run_cli(
+        "sweep", "thresholds", "--model", str(STORIES), "--tasks", ARC, "--limit", str(LIMIT),
+        "--out", str(out), "--lens", str(lens), "--thresholds", "1.5,2.5", "inf",
+    )  # fmt: skip
+    return out, printed
+
+
+def results(out: Path, name: str) -> dict:
+    return json.loads((out / "results" / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def task_manager(local_data):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def spade_exit_run(manager, model_args: str, tasks: list[str], limit: int = LIMIT) -> dict:
+    """A real `lm_eval --model spade-exit` run (simple_evaluate)."""
+    return lm_eval.simple_evaluate(
+        model="spade-exit", model_args=model_args, tasks=tasks, limit=limit,
+        batch_size=4, bootstrap_iters=0, verbosity="WARNING", task_manager=manager,
+    )  # fmt: skip
+
+
+def assert_same_run(swept: dict, real: dict, tasks: list[str]) -> None:
+    for task in tasks:
+        for key, value in real["results"][task].items():
+            if key.endswith(",none") and "_stderr" not in key:
+                assert swept["results"][task][key] == pytest.approx(value, rel=1e-4), (task, key)
+        mine, theirs = (
+            swept["config"]["spade"]["tasks"][task],
+            real["config"]["spade"]["tasks"][task],
+        )
+        for key in ("requests", "exit_layer_histogram", "block_token_passes", "confidence_checks"):
+            assert mine[key] == theirs[key], (task, key)
+        assert mine["compute_fraction"] == pytest.approx(theirs["compute_fraction"])
+    assert swept["config"]["spade"]["config"] == real["config"]["spade"]["config"]
+
+
+@pytest.mark.parametrize(
+    ("name", "layer"),
+    [("spade_L1", 1), ("spade_nos_L3", 3), ("lspade_L4", 4)],
+)
+def test_layer_sweep_equals_fixed_layer_runs(layer_sweep, task_manager, name, layer):
+    out, _ = layer_sweep
+    swept = results(out, name)
+    assert swept["sweep"]["layer"] == layer
+    real = spade_exit_run(task_manager, swept["config"]["model_args"], [STORY, ARC])
+    assert_same_run(swept, real, [STORY, ARC])
+
+
+def test_layer_sweep_covers_every_decoder_and_layer_and_prints_its_cost(layer_sweep):
+    out, printed = layer_sweep
+    names = {p.stem for p in (out / "results").glob("*.json")}
+    decoders = ("logit_lens", "spade", "spade_nos", "lspade")
+    assert names == {f"{d}_L{k}" for d in decoders for k in range(6)}
+    manifest = json.loads((out / "sweep.json").read_text())
+    cost = manifest["cost"]
+    assert manifest["kind"] == "layers" and cost["requests"] == 3 + 4 * LIMIT
+    # the prefix runs once: 24 settings cost far less than 24 runs
+    assert 1 < cost["pass_ratio"] < 2.5
+    assert "cost ratio" in printed and f"{cost['pass_ratio']:.2f}x block-token passes" in printed
+    assert "### tinystories_sentences_spade: word perplexity by layer" in printed
+    # every decoder but the trained one is the full model at the last layer
+    full = {results(out, f"{d}_L5")["results"][STORY]["word_perplexity,none"] for d in decoders[:3]}
+    assert max(full) == pytest.approx(min(full), rel=1e-6)
+
+
+def test_threshold_sweep_equals_spade_exit_runs(threshold_sweep, task_manager):
+    out, printed = threshold_sweep
+    names = {p.stem for p in (out / "results").glob("*.json")}
+    assert {"SPADE-EXIT_T1.5", "top-2-margin-L-SPADE-_T2.5", "entropy-logit-lens-_Tinf"} <= names
+    assert {f"static-exit-SPADE-_L{k}" for k in range(6)} <= names
+    for name in ("SPADE-EXIT_T2.5", "entropy-logit-lens-_T1.5"):
+        swept = results(out, name)
+        real = spade_exit_run(task_manager, swept["config"]["model_args"], [ARC])
+        assert_same_run(swept, real, [ARC])
+    # inf exits everything at the first check
+    assert results(out, "SPADE-EXIT_Tinf")["config"]["spade"]["tasks"][ARC]["mean_exit_layer"] == 1
+    assert "SPADE-EXIT" in printed and "cost ratio" in printed
+
+
+@pytest.fixture(scope="module")
+def transfer_sweep(tmp_path_factory, lens):
+    out = tmp_path_factory.mktemp("transfer")
+    settings = SweepSettings(str(STORIES), [ARC, "arc_challenge_spade"], out, limit=4, batch_size=8)
+    config = TransferConfig(
+        ThresholdSweepConfig([2.0, 3.0]),
+        train_tasks=[ARC, "arc_challenge_spade"],
+        lenses={ARC: str(lens)},  # one given, one trained here
+        training=LensTrainConfig(LensKind.LSPADE, steps=5, batch_size=8),
+        train_limit=16,
+    )
+    return out, run_transfer_sweep(settings, config)
+
+
+def test_transfer_trains_a_lens_per_task_and_evaluates_every_task(transfer_sweep, task_manager):
+    out, outcome = transfer_sweep
+    assert (out / "lenses" / "arc_challenge_spade" / "config.json").is_file()
+    placed = {(r["sweep"]["lens_task"], r["sweep"]["threshold"]) for r in outcome.results}
+    assert placed == {(t, x) for t in (ARC, "arc_challenge_spade") for x in (2.0, 3.0)}
+    for r in outcome.results:
+        assert set(r["results"]) == {ARC, "arc_challenge_spade"}
+    swept = results(out, "L-SPADE-trained-on-arc_challenge_spade_T3")
+    tasks = [ARC, "arc_challenge_spade"]
+    real = spade_exit_run(task_manager, swept["config"]["model_args"], tasks, limit=4)
+    assert_same_run(swept, real, [ARC, "arc_challenge_spade"])
+
+
+def _check_png(path: Path) -> None:
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] >= 400 and image.shape[1] >= 600, image.shape
+    assert image[..., :3].std() > 0.05  # not blank
+
+
+def test_report_renders_tables_and_figures(layer_sweep, threshold_sweep, transfer_sweep, tmp_path):
+    dirs = [layer_sweep[0], threshold_sweep[0], transfer_sweep[0]]
+    printed = run_cli("report", *map(str, dirs), "--out", str(tmp_path))
+    for kind in ("layers", "thresholds", "transfer"):
+        assert (tmp_path / f"{kind}.csv").stat().st_size > 0
+        assert (tmp_path / f"{kind}.md").read_text().startswith("### ")
+    pngs = ["layers_accuracy.png", "layers_perplexity.png", "thresholds.png", "transfer.png"]
+    for png in pngs:
+        _check_png(tmp_path / png)
+    assert "| layer |" in printed.replace("|   layer |", "| layer |")
+    assert "L-SPADE trained on" in printed
+
+
+def test_report_reads_plain_lm_eval_output(tmp_path, task_manager):
+    args = f"pretrained={STORIES},device=cpu,add_bos_token=True,exit_layer=2"
+    real = spade_exit_run(task_manager, args, [ARC])
+    folder = tmp_path / "lm_eval_out" / "model"
+    folder.mkdir(parents=True)
+    (folder / "results_2024.json").write_text(json.dumps(real, default=str))
+    printed = run_cli("report", str(tmp_path / "lm_eval_out"))
+    assert f"### {ARC}: accuracy by layer" in printed
+    assert f"{real['results'][ARC]['acc,none']:.4g}" in printed
+
+
+def _error(*argv: str) -> str:
+    with pytest.raises(SystemExit) as caught:
+        run_cli(*argv)
+    message = str(caught.value.code)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds no lm-eval results" in _error("report", str(empty))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "data.json").write_text('{"name": "not results"}')
+    (foreign / "broken.json").write_text("{")
+    assert "holds no lm-eval results" in _error("report", str(foreign))
+    assert "is not a folder" in _error("report", str(tmp_path / "missing"))
+    common = ["--model", str(STORIES), "--tasks", ARC, "--out", str(tmp_path / "o")]
+    message = _error("sweep", "layers", *common, "--decoders", "spade", "logitlens")
+    assert "unknown decoder name(s) 'logitlens'" in message and "logit_lens" in message
+    message = _error("sweep", "layers", *common, "--decoders", "lspade")
+    assert "needs a lens" in message
+    message = _error("sweep", "thresholds", *common, "--lens", "x", "--thresholds", "0.5", "low")
+    assert "threshold 'low' is not a number" in message
+    assert "knows no task 'no_such_task'" in _error(
+        "sweep", "layers", "--model", str(STORIES), "--tasks", "no_such_task", "--out", "o"
+    )
+    assert "sets exit_layer" in _error("sweep", "layers", *common, "--model-args", "exit_layer=2")
+    assert "must be TASK=DIR" in _error(
+        "sweep", "transfer", *common, "--thresholds", "1", "--lens", "nodir"
+    )
