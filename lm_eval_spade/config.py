@@ -76,7 +76,8 @@ class SpadeConfig:
     - `decoder`: decodes the scored positions at the exit layer (default `spade`);
     - `spade_positions`: the SPADE pair's position ids, `original` `(0, i)` or `compact`;
     - `lens`: directory of a trained lens (`lm-eval-spade train-lens`, or a tuned-lens
-      checkpoint), for the `lspade` / `tuned_lens` decoders.
+      checkpoint), for the `lspade` / `tuned_lens` decoders; `spade-calibration` names the
+      translators shipped for the calibration model (`pretrained=spade-calibration`).
 
     Generation (`generate_until`):
     - `kv_strategy`: what the blocks above a token's exit hold for it (`kv_cache.py`):

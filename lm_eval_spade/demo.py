@@ -1,107 +1,150 @@
-"""A self-contained run of `lm_eval --model spade-exit`, for machines with nothing on them.
+"""The README's main job: `lm_eval --model spade-exit` with SPADE-EXIT, on any machine.
 
-It builds everything locally (no hub): a word-level tokenizer, a small seeded random
-Llama, and a multiple-choice task whose answers are one token. Then it runs the real
-`lm_eval` command for `hf` and for spade-exit at a few exit layers, so a user sees the
-plumbing work end to end. The weights are random: accuracies are chance-level.
+It needs nothing from the hub. On the shipped calibration model and task it runs the real
+`lm_eval` command twice: `hf` at full depth, then spade-exit with L-SPADE confidence and a
+threshold, and lm-eval prints its results table each time. Given a directory of the
+ARC/BoolQ/HeadQA release files and a model that reads English, it also trains that model's
+L-SPADE translators on a slice of ARC-Easy's training prompts and runs SPADE-EXIT on the
+real prompts of `arc_easy_spade`, `boolq_spade` and `headqa_en_spade`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import random
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import transformers as T
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from lm_eval_spade import calibration
+from lm_eval_spade.errors import UserInputError
+from lm_eval_spade.tasks import offline
 
 logger = logging.getLogger(__name__)
 
-WORDS = [f"w{i}" for i in range(200)]
-SPECIAL = ["<unk>", "<s>", "</s>"]
-TASK = "spade_demo"
+REAL_TASKS = ["arc_easy_spade", "boolq_spade", "headqa_en_spade"]
 
 
-def build_tokenizer() -> T.PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL, "Question:", "Answer:", *WORDS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return T.PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+@dataclass
+class DemoConfig:
+    out: Path = Path("runs/demo")
+    #: SPADE-EXIT's threshold on L-SPADE's entropy (nats), checked at every block.
+    threshold: float = 0.05
+    data_dir: Path | None = None
+    #: The model for the real tasks (the calibration model only reads its own task).
+    model: str | None = None
+    #: Documents per real task.
+    limit: int = 40
+    #: The real tasks' threshold: a small English model is far less sure of its answers.
+    real_threshold: float = 2.0
+
+    def check(self) -> None:
+        if self.data_dir is None:
+            return
+        if self.model is None:
+            raise UserInputError(
+                "--data-dir runs the real ARC/BoolQ/HeadQA prompts, which the calibration "
+                "model cannot read: add --model DIR (an English causal LM, e.g. stories260K)."
+            )
+        if not self.data_dir.is_dir():
+            raise UserInputError(f"--data-dir {self.data_dir} is not a directory.")
 
 
-def build_model(out: Path, layers: int = 6, seed: int = 0) -> Path:
-    tokenizer = build_tokenizer()
-    config = T.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    T.AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+@dataclass
+class Run:
+    name: str
+    model: str
+    model_args: str
+    tasks: list[str]
+    limit: int | None = None
+
+
+def lm_eval(run: Run, out: Path, env: dict[str, str] | None = None) -> dict:
+    """Run the real `lm_eval` command (its table goes to stdout) and return its results."""
+    target = out / "results" / run.name
+    command = [
+        str(Path(sys.executable).parent / "lm_eval"), "--model", run.model,
+        "--model_args", run.model_args, "--tasks", ",".join(run.tasks),
+        "--device", "cpu", "--batch_size", "16", "--output_path", str(target),
+    ]  # fmt: skip
+    if run.limit is not None:
+        command += ["--limit", str(run.limit)]
+    logger.info("running: %s", " ".join(command))
+    subprocess.run(command, check=True, env={**os.environ, **(env or {})})
+    (path,) = target.rglob("results_*.json")
+    return json.loads(path.read_text())
+
+
+def _real_task_lens(config: DemoConfig) -> Path:
+    from lm_eval_spade.lens.jobs import DataSpec, train_and_save
+    from lm_eval_spade.lens.training import LensTrainConfig
+    from lm_eval_spade.lens.translators import LensKind
+
+    out = config.out / "lspade-real"
+    settings = LensTrainConfig(kind=LensKind.LSPADE, steps=60, batch_size=16, lr=3e-3)
+    assert config.model is not None
+    train_and_save(config.model, DataSpec("arc_easy_spade", limit=320), settings, out)
     return out
 
 
-def build_task(out: Path, docs: int = 20, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    data = out / f"{TASK}.jsonl"
-    with data.open("w") as f:
-        for _ in range(docs):
-            words = rng.sample(WORDS, 8)
-            f.write(json.dumps({"question": " ".join(words[:4]), "choices": words[4:], "label": 0}))
-            f.write("\n")
-    (out / f"{TASK}.yaml").write_text(
-        f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "output_type: multiple_choice\ntest_split: test\n"
-        'doc_to_text: "Question: {{question}} Answer:"\n'
-        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
-        "metric_list:\n  - metric: acc\n"
-    )
-    return out
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
 
 
-def run(out: Path, exit_layers: list[int]) -> list[dict]:
-    """Build the model and task under `out`, run lm_eval for each setting, return results."""
-    out.mkdir(parents=True, exist_ok=True)
-    model = build_model(out / "model")
-    tasks = build_task(out / "tasks")
-    settings = [("hf", "")] + [("spade-exit", f",exit_layer={k}") for k in exit_layers]
-    results = []
-    for name, extra in settings:
-        target = out / "results" / f"{name}{extra.replace(',', '_').replace('=', '')}"
-        command = [
-            str(Path(sys.executable).parent / "lm_eval"), "--model", name,
-            "--model_args", f"pretrained={model},dtype=float32{extra}",
-            "--tasks", TASK, "--include_path", str(tasks), "--device", "cpu",
-            "--batch_size", "8", "--output_path", str(target),
-        ]  # fmt: skip
-        logger.info("running: %s", " ".join(command))
-        subprocess.run(command, check=True)
-        (path,) = target.rglob("results_*.json")
-        results.append(json.loads(path.read_text()))
-    return results
+def run(config: DemoConfig) -> list[tuple[Run, dict]]:
+    config.check()
+    config.out.mkdir(parents=True, exist_ok=True)
+    exits = f"threshold={config.threshold}"
+    runs = [
+        Run("calibration-hf", "hf", f"pretrained={calibration.model_dir()}", [calibration.TASK]),
+        Run("calibration-spade-exit", "spade-exit",
+            f"pretrained={calibration.NAME},lens={calibration.NAME},{exits}", [calibration.TASK]),
+    ]  # fmt: skip
+    env = {}
+    if config.data_dir is not None:
+        env[offline.ENV] = str(config.data_dir.resolve())
+        with _environment(env):  # the lens reads ARC-Easy's training prompts in-process
+            lens = _real_task_lens(config)
+        runs.append(
+            # BoolQ passages outgrow a small model's context; HFLM would cut the start token
+            # off, which SPADE refuses, so the whole prompt is kept (as the sweeps do).
+            Run("real-spade-exit", "spade-exit",
+                f"pretrained={config.model},lens={lens},threshold={config.real_threshold},"
+                "max_length=2048", REAL_TASKS, config.limit)
+        )  # fmt: skip
+    return [(r, lm_eval(r, config.out, env)) for r in runs]
 
 
-def summary(results: list[dict]) -> str:
-    lines = ["| model | exit layer | acc | compute fraction |", "|---|---|---|---|"]
-    for r in results:
-        acc = r["results"][TASK]["acc,none"]
-        spade = r["config"].get("spade")
-        if spade is None:
-            lines.append(f"| hf | full | {acc:.3f} | 1.000 |")
-            continue
-        stats = spade["tasks"][TASK]
-        lines.append(
-            f"| spade-exit | {stats['exit_layer']} | {acc:.3f} | {stats['compute_fraction']:.3f} |"
-        )
+def summary(results: list[tuple[Run, dict]]) -> str:
+    """Accuracy with the exit statistics spade-exit adds to lm-eval's results JSON."""
+    lines = [
+        "| run | task | acc | mean exit layer | of layers | compute fraction |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for run, result in results:
+        spade = result["config"].get("spade")
+        for task in run.tasks:
+            acc = result["results"][task]["acc,none"]
+            if spade is None:
+                lines.append(f"| {run.name} | {task} | {acc:.3f} | full | | 1.000 |")
+                continue
+            stats = spade["tasks"][task]
+            lines.append(
+                f"| {run.name} | {task} | {acc:.3f} | {stats['mean_exit_layer']:.2f} | "
+                f"{stats['num_layers']} | {stats['compute_fraction']:.3f} |"
+            )
     return "\n".join(lines)

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import transformers as T
 
+from lm_eval_spade import calibration
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,6 +27,7 @@ def load_causal_lm(
     peft: str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Model (in eval mode) and tokenizer; a LoRA adapter directory is applied if given."""
+    pretrained = calibration.resolve_model(pretrained)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
     model = T.AutoModelForCausalLM.from_pretrained(

@@ -36,7 +36,7 @@ from lm_eval.models.utils_hf import pad_and_concat, stop_sequences_criteria
 from tqdm import tqdm
 from transformers import EosTokenCriteria, MaxLengthCriteria
 
-from lm_eval_spade import __version__
+from lm_eval_spade import __version__, calibration
 from lm_eval_spade.architectures import Architecture, architecture_for
 from lm_eval_spade.config import SPADE_MODEL_ARGS, SpadeArgumentError, SpadeConfig
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
@@ -111,7 +111,9 @@ class SpadeExitLM(HFLM):
     Accepts every HFLM model_arg, plus the settings of `SpadeConfig`.
     """
 
-    def __init__(self, pretrained: Any, **kwargs: Any) -> None:
+    def __init__(self, pretrained: Any = calibration.NAME, **kwargs: Any) -> None:
+        if isinstance(pretrained, str):
+            pretrained = calibration.resolve_model(pretrained)
         check_model_args(pretrained, kwargs)
         spade_args = {k: kwargs.pop(k) for k in list(kwargs) if k in SPADE_MODEL_ARGS}
         self.spade = SpadeConfig.from_model_args(**spade_args)

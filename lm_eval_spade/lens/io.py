@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lm_eval_spade import calibration
 from lm_eval_spade.architectures import Architecture
 from lm_eval_spade.lens.checkpoint import Lens, LensCheckpointError, check_lens_fits, read_native
 from lm_eval_spade.lens.translators import LensKind
@@ -12,7 +13,7 @@ from lm_eval_spade.lens.tuned_lens_format import is_tuned_lens_dir, read_tuned_l
 
 def read_lens(path: str | Path) -> Lens:
     """Read and verify a lens directory without a model (for export and inspection)."""
-    path = Path(path)
+    path = Path(calibration.resolve_lens(str(path)))
     if not path.is_dir():
         raise LensCheckpointError(
             f"lens={path} is not a directory. Point it at the output directory of "
