@@ -2,21 +2,29 @@
 
 Float32 sets a floor: `hf` itself moves by up to 1.5e-5 between batch sizes on long
 multi-token continuations scored near -70 (about 2 float32 ulps there), because CPU
-kernels reduce in an order that depends on the padded length. The bound of 1e-5 is
-checked on the workload the method is for: real ARC questions with letter answers, and
-rolling perplexity of story sentences whose totals stay under 128 in magnitude (a
-float32 ulp there is 7.6e-6; the full story scores -239 at layer 1, where one ulp is
-already 1.5e-5).
+kernels reduce in an order that depends on the padded length. The bound is 1e-5 or two
+float32 ulps of the score, whichever is larger, checked on the workload the method is
+for: real ARC questions with letter answers, and rolling perplexity of story sentences
+(a total near -104 has an ulp of 7.6e-6, and two machines here differed by two ulps).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from lmutil import STORIES, arc_requests, loglikelihood_requests, make_lm, rolling_requests
 
 
 def _max_diff(a, b):
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def _within_float32_floor(a, b) -> bool:
+    """Each pair within 1e-5, or within two float32 ulps of its magnitude."""
+    return all(
+        abs(x - y) <= max(1e-5, 2 * float(np.spacing(np.float32(abs(x)))))
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 @pytest.mark.parametrize("layer", [1, 2, 3, 4])
@@ -34,7 +42,7 @@ def test_batch_size_1_vs_8(layer, decoder):
     (ll1, roll1), (ll8, roll8) = scores[1], scores[8]
     assert _max_diff([a[0] for a in ll1], [b[0] for b in ll8]) <= 1e-5
     assert [a[1] for a in ll1] == [b[1] for b in ll8]
-    assert _max_diff(roll1, roll8) <= 1e-5
+    assert _within_float32_floor(roll1, roll8), (roll1, roll8)
 
 
 def test_exit_statistics_per_task():
