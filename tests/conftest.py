@@ -1,9 +1,21 @@
 from __future__ import annotations
 
+import os
+
+# Two xdist workers share the machine's cores (pyproject's addopts: `-n auto`), so each
+# runs torch, and every lm_eval subprocess it starts, on one thread instead of competing
+# for all of them. Set before torch is imported here or in any subprocess.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 
 import pytest
+import torch
 from lmutil import STORIES, TINY_CONFIGS, save_tiny_model
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_configure(config):
