@@ -8,7 +8,9 @@
    speedup of a setting is 1 / its compute fraction (`stats.py`: blocks run, SPADE's
    pass above the exit, the start token's own pass, any recomputation). The EOS row of
    the random head is zeroed so that no row stops early and every setting generates the
-   same number of tokens.
+   same number of tokens. Every round also times the prompt phase alone (one new token),
+   so the table splits each speedup into prompt and decode phases and weights the ideal
+   by the time each phase takes.
 2. Quality: stories260K continues 16 story openings (sampled from itself, seeded) for up
    to 32 tokens, greedily. For every setting: token agreement with the full model's
    continuation (position by position, and whole continuations equal), perplexity under
@@ -45,6 +47,7 @@ from lm_eval_spade.lens.data import sample_texts
 BLOCKS, HIDDEN, NEW_TOKENS, PROMPTS = 24, 512, 32, 8
 STORY_TOKENS = 32
 TASK = "gen"
+PROMPT_TASK = "gen_prompt"  # the same prompts with one new token: the prompt phase alone
 
 
 def build_model(root: Path) -> Path:
@@ -57,9 +60,9 @@ def build_model(root: Path) -> Path:
     return root
 
 
-def requests(prompts: list[str], gen_kwargs: dict[str, Any]) -> list[Instance]:
+def requests(prompts: list[str], gen_kwargs: dict[str, Any], task: str = TASK) -> list[Instance]:
     return [
-        Instance("generate_until", {}, (prompt, dict(gen_kwargs)), i, (TASK, i, 1))
+        Instance("generate_until", {}, (prompt, dict(gen_kwargs)), i, (task, i, 1))
         for i, prompt in enumerate(prompts)
     ]
 
@@ -80,72 +83,97 @@ def compute_fraction(lm) -> float:
 
 
 # --- 1. speed ------------------------------------------------------------------------------
+SPEED_INTRO = (
+    f"Speed: random Llama, {BLOCKS} blocks, hidden {HIDDEN}; {PROMPTS} ARC-Easy dev prompts "
+    "(letter format, about 160 tokens) or 8 story openings sampled from stories260K (about "
+    f"12 tokens), {NEW_TOKENS} greedy tokens each; float32, 2 CPU threads, median of the "
+    "interleaved rounds. Forced exits: fixed exit_layer. KV strategy: the default (`fill` for "
+    "SPADE, `recompute` for L-SPADE) unless named. tokens/s vs hf = hf's time / the setting's "
+    "time (both generate the same number of tokens). ideal = 1 / compute fraction over the "
+    "whole run (prompt included), the issue's goal. Each round also times every setting on "
+    "the prompt phase alone (the same requests with one new token): prompt / decode vs hf "
+    "are the speedups of the two phases (decode = whole run minus prompt phase), and "
+    "time-weighted ideal = hf's time / (hf's prompt time x the prompt phase's compute "
+    "fraction + hf's decode time x one decoding step's), the speedup the compute formula "
+    "predicts once each phase is weighted by the time it takes. A SPADE step runs the exit "
+    "layer's blocks plus SPADE's L - l above it: L block calls, as hf's step."
+)
+
+
+def _speed_settings(half: int, quarter: int, lens: str) -> dict[str, dict[str, Any]]:
+    return {
+        "hf": {},
+        "exit L/2, SPADE": {"exit_layer": half},
+        "exit L/4, SPADE": {"exit_layer": quarter},
+        "exit L/2, SPADE, kv recompute": {"exit_layer": half, "kv_strategy": "recompute"},
+        "exit L/2, SPADE, kv copy": {"exit_layer": half, "kv_strategy": "copy"},
+        "exit L/2, L-SPADE": {"exit_layer": half, "decoder": "lspade", "lens": lens},
+        "exit L/4, L-SPADE": {"exit_layer": quarter, "decoder": "lspade", "lens": lens},
+    }
+
+
 def speed_table(rounds: int) -> tuple[str, str]:
-    half, quarter = BLOCKS // 2, BLOCKS // 4
     with tempfile.TemporaryDirectory() as tmp:
         root = build_model(Path(tmp))
-        model, lens = root / "model", str(root / "lens")
+        model = root / "model"
+        settings = _speed_settings(BLOCKS // 2, BLOCKS // 4, str(root / "lens"))
         greedy = {"until": [], "max_gen_toks": NEW_TOKENS, "do_sample": False}
+        first = {**greedy, "max_gen_toks": 1}
         prompt_sets = {
             "ARC (~160)": arc_prompts(ARC_EASY / "ARC-Easy-Dev.jsonl", PROMPTS),
             "story (~12)": story_prompts()[:PROMPTS],
         }
-        settings: dict[str, dict[str, Any]] = {
-            "hf": {},
-            "exit L/2, SPADE": {"exit_layer": half},
-            "exit L/4, SPADE": {"exit_layer": quarter},
-            "exit L/2, SPADE, kv recompute": {"exit_layer": half, "kv_strategy": "recompute"},
-            "exit L/2, SPADE, kv copy": {"exit_layer": half, "kv_strategy": "copy"},
-            "exit L/2, L-SPADE": {"exit_layer": half, "decoder": "lspade", "lens": lens},
-            "exit L/4, L-SPADE": {"exit_layer": quarter, "decoder": "lspade", "lens": lens},
-        }
         rows = []
         for (prompt_set, prompts), batch in itertools.product(prompt_sets.items(), (1, PROMPTS)):
-            reqs = requests(prompts, greedy)
+            whole, prompt_only = requests(prompts, greedy), requests(prompts, first, PROMPT_TASK)
             models = {
                 name: make("hf" if name == "hf" else "spade-exit", model, batch, **args)
                 for name, args in settings.items()
             }
-            times: dict[str, list[float]] = {name: [] for name in settings}
+            times = {(name, phase): [] for name in settings for phase in ("whole", "prompt")}
             for _ in range(rounds):
                 for name, lm in models.items():
-                    times[name].append(timed(lm, reqs)[0])
-            median = {name: statistics.median(t) for name, t in times.items()}
-            for name in settings:
-                if name == "hf":
-                    continue
-                lm = models[name]
-                stats = lm.exit_stats[TASK]
-                assert stats.generated_tokens == rounds * PROMPTS * NEW_TOKENS
-                ideal = 1 / stats.compute_fraction
-                speedup = median["hf"] / median[name]
-                layer = settings[name]["exit_layer"]
-                climbs = "decoder" not in settings[name]
-                rows.append(
-                    {
-                        "prompts (tokens)": prompt_set,
-                        "batch": batch,
-                        "setting": name,
-                        "tokens/s vs hf": speedup,
-                        "ideal": ideal,
-                        "of ideal": speedup / ideal,
-                        "goal": ">= 0.8 of ideal",
-                        "ideal per generated token": BLOCKS / (layer + climbs * (BLOCKS - layer)),
-                        "hf s": median["hf"],
-                        "setting s": median[name],
-                    }
-                )
-    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"), (
-        f"Speed: random Llama, {BLOCKS} blocks, hidden {HIDDEN}; {PROMPTS} ARC-Easy dev prompts "
-        "(letter format, about 160 tokens) or 8 story openings sampled from stories260K (about "
-        f"12 tokens), {NEW_TOKENS} greedy tokens each; float32, 2 CPU "
-        f"threads, median of {rounds} interleaved rounds. Forced exits: fixed exit_layer. "
-        "KV strategy: the default (`fill` for SPADE, `recompute` for L-SPADE) unless named. "
-        "tokens/s vs hf = hf's time / the "
-        "setting's time (both generate the same number of tokens); ideal = 1 / compute "
-        "fraction over the whole run (prompt included); ideal per generated token = L / the "
-        "blocks one decoding step runs (the exit layer, plus SPADE's L - l above it)."
-    )
+                    times[name, "whole"].append(timed(lm, whole)[0])
+                    times[name, "prompt"].append(timed(lm, prompt_only)[0])
+            median = {key: statistics.median(t) for key, t in times.items()}
+            for name, args in settings.items():
+                if name != "hf":
+                    rows.append(
+                        _speed_row(models[name], median, name, args, rounds)
+                        | {"prompts (tokens)": prompt_set, "batch": batch}
+                    )
+    columns = ["prompts (tokens)", "batch", "setting", "tokens/s vs hf", "ideal", "of ideal"]
+    columns += ["goal", "prompt vs hf", "decode vs hf", "time-weighted ideal"]
+    columns += ["of time-weighted ideal", "hf s", "setting s", "hf prompt s"]
+    table = pd.DataFrame(rows)[columns]
+    return table.to_markdown(index=False, floatfmt=".3f"), SPEED_INTRO
+
+
+def _speed_row(lm, median: dict, name: str, args: dict, rounds: int) -> dict[str, Any]:
+    """One setting's speedups, whole run and per phase, against its ideals."""
+    stats, prompt_stats = lm.exit_stats[TASK], lm.exit_stats[PROMPT_TASK]
+    assert stats.generated_tokens == rounds * PROMPTS * NEW_TOKENS
+    layer = args["exit_layer"]
+    climbs = "decoder" not in args  # SPADE: the step's token also climbs L - l blocks
+    step_fraction = (layer + climbs * (BLOCKS - layer)) / BLOCKS
+    hf, hf_prompt = median["hf", "whole"], median["hf", "prompt"]
+    mine, mine_prompt = median[name, "whole"], median[name, "prompt"]
+    speedup, ideal = hf / mine, 1 / stats.compute_fraction
+    predicted = hf_prompt * prompt_stats.compute_fraction + (hf - hf_prompt) * step_fraction
+    return {
+        "setting": name,
+        "tokens/s vs hf": speedup,
+        "ideal": ideal,
+        "of ideal": speedup / ideal,
+        "goal": ">= 0.8 of ideal",
+        "prompt vs hf": hf_prompt / mine_prompt,
+        "decode vs hf": (hf - hf_prompt) / (mine - mine_prompt),
+        "time-weighted ideal": hf / predicted,
+        "of time-weighted ideal": speedup * predicted / hf,
+        "hf s": hf,
+        "setting s": mine,
+        "hf prompt s": hf_prompt,
+    }
 
 
 # --- 2. quality ------------------------------------------------------------------------------

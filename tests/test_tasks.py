@@ -170,6 +170,39 @@ def test_bad_boolq_and_headqa_files(tmp_path, monkeypatch):
         offline.local_dataset("EleutherAI/headqa", "en")
 
 
+def test_spanish_headqa_reads_the_release_head_folder(tmp_path, monkeypatch):
+    """lm-eval's `headqa` tag is headqa_en and headqa_es; the release keeps Spanish in
+    HEAD/. Here HEAD/ holds copies of the English files (same format; only the language
+    differs), so both configs must give the same rows."""
+    monkeypatch.setenv(offline.ENV, str(tmp_path))
+    for split in ("train", "dev", "test"):
+        text = (DATA / "headqa" / "HEAD_EN" / f"{split}_HEAD_EN.json").read_text()
+        _with(tmp_path, f"headqa/HEAD_EN/{split}_HEAD_EN.json", text)
+        _with(tmp_path, f"headqa/HEAD/{split}_HEAD.json", text)
+    english = offline.local_dataset("EleutherAI/headqa", "en")
+    spanish = offline.local_dataset("EleutherAI/headqa", "es")
+    assert set(spanish) == {"train", "validation", "test"}
+    for split in spanish:
+        assert spanish[split].to_list() == english[split].to_list()
+
+
+@pytest.mark.slow
+def test_missing_spanish_headqa_is_one_line_from_lm_eval(tmp_path):
+    """The mission's command with the shared data (English HEAD-QA only): lm_eval stops
+    with one line that names the missing file and the English-only task."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **ENV)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "lm_eval"), "--model", "spade-exit",
+         "--model_args", f"pretrained={STORIES},exit_layer=3,decoder=logit_lens",
+         "--tasks", "arc_easy,boolq,headqa", "--limit", "2", "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"lm_eval: error: {DATA / 'headqa' / 'HEAD' / 'train_HEAD.json'}")
+    assert "use --tasks headqa_en" in last
+
+
 def _with(root: Path, relative: str, text: str) -> Path:
     path = root / relative
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,9 @@ once each has run, applies this package's addition to it:
 - `lm_eval.api.task`: datasets from `LM_EVAL_SPADE_DATA_DIR` when it is set
   (`lm_eval_spade.tasks.offline`);
 - `lm_eval.tasks.manager`: the package's task folder next to lm-eval's own
-  (`lm_eval_spade.tasks.configs`).
+  (`lm_eval_spade.tasks.configs`);
+- `lm_eval._cli.harness`: this package's input errors end the command with one line
+  (`lm_eval_spade._startup.cli_errors`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ AFTER_LOAD = {
     "lm_eval.api.registry": "lm_eval_spade._startup.hook:register_models",
     "lm_eval.api.task": "lm_eval_spade.tasks.offline:install",
     "lm_eval.tasks.manager": "lm_eval_spade.tasks.configs:install",
+    "lm_eval._cli.harness": "lm_eval_spade._startup.cli_errors:install",
 }
 
 

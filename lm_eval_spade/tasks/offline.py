@@ -3,7 +3,8 @@
 Set it to a directory laid out like the datasets' original releases (ARC's jsonl files,
 BoolQ's SuperGLUE jsonl, HEAD-QA's JSON; see `LAYOUT`), and every lm-eval task that
 loads one of the hub datasets of `HUB_DATASETS` (lm-eval's `arc_easy`, `arc_challenge`,
-`boolq`, `headqa_en` and this package's `*_spade` tasks) reads the local files instead,
+`boolq`, `headqa_en`, `headqa_es` and this package's `*_spade` tasks) reads the local
+files instead,
 converted to the hub's schema, so the task configs are unchanged. Unset, tasks load from
 the hub as usual.
 
@@ -35,7 +36,16 @@ LAYOUT = {
     "boolq": {"validation": "boolq/val.jsonl", "test": "boolq/test.jsonl"},
     "headqa_en": {s: f"headqa/HEAD_EN/{f}_HEAD_EN.json" for s, f in
                   [("train", "train"), ("validation", "dev"), ("test", "test")]},
+    "headqa_es": {s: f"headqa/HEAD/{f}_HEAD.json" for s, f in
+                  [("train", "train"), ("validation", "dev"), ("test", "test")]},
 }  # fmt: skip
+
+#: What to say when one dataset's files are missing, beyond the layout.
+MISSING_HINT = {
+    # lm-eval's `headqa` tag is headqa_en plus headqa_es: the Spanish files are often absent.
+    "headqa_es": "lm-eval's `headqa` tag includes the Spanish headqa_es; for English only, "
+    "use --tasks headqa_en (or headqa_en_spade).",
+}
 
 
 class OfflineDataError(UserInputError):
@@ -50,10 +60,11 @@ def _fix() -> str:
     )
 
 
-def _file(root: Path, relative: str) -> Path:
+def _file(root: Path, relative: str, dataset: str = "") -> Path:
     path = root / relative
     if not path.is_file():
-        raise OfflineDataError(f"{path} is missing. {_fix()}")
+        hint = f" {MISSING_HINT[dataset]}" if dataset in MISSING_HINT else ""
+        raise OfflineDataError(f"{path} is missing.{hint} {_fix()}")
     return path
 
 
@@ -131,8 +142,8 @@ def _boolq(root: Path, config: str) -> dict[str, list[dict]]:
 
 def _headqa(root: Path, config: str) -> dict[str, list[dict]]:
     splits = {}
-    for split, relative in LAYOUT["headqa_en"].items():
-        path = _file(root, relative)
+    for split, relative in LAYOUT[config].items():
+        path = _file(root, relative, config)
         try:
             exams = json.loads(path.read_text())["exams"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -168,8 +179,8 @@ HUB_DATASETS: dict[tuple[str, str | None], tuple[Callable, str]] = {
     **{(p, n): (_arc, n) for p in ("allenai/ai2_arc", "ai2_arc")
        for n in ("ARC-Easy", "ARC-Challenge")},
     **{(p, "boolq"): (_boolq, "boolq") for p in ("aps/super_glue", "super_glue")},
-    **{(p, "en"): (_headqa, "headqa_en") for p in ("EleutherAI/headqa", "head_qa",
-                                                   "dvilares/head_qa")},
+    **{(p, n): (_headqa, f"headqa_{n}") for p in ("EleutherAI/headqa", "head_qa",
+                                                  "dvilares/head_qa") for n in ("en", "es")},
 }  # fmt: skip
 
 

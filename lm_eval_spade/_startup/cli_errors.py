@@ -1,0 +1,35 @@
+"""Our input errors end the `lm_eval` command with one line, as `lm-eval-spade` does.
+
+lm-eval's CLI lets every exception out with its traceback. For this package's
+`UserInputError` (bad spade-exit model_args, a damaged lens, missing local data, ...) the
+message already names the problem and the fix, so `HarnessCLI.execute` prints it as
+argparse prints a usage error (`lm_eval: error: ...`, exit status 2). Every other
+exception is left to lm-eval.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+from lm_eval_spade.errors import UserInputError
+
+
+def install(harness_module: Any) -> None:
+    cls = harness_module.HarnessCLI
+    if getattr(cls.execute, "_spade_errors", False):
+        return
+    original = cls.execute
+
+    @functools.wraps(original)
+    def execute(self: Any, args: Any) -> None:
+        try:
+            original(self, args)
+        except UserInputError as err:
+            print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    execute._spade_errors = True  # type: ignore[attr-defined]
+    cls.execute = execute
