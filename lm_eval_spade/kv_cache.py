@@ -136,9 +136,18 @@ class BlockCache:
         self, store: KVStore, rows: torch.Tensor, slots: torch.Tensor, allowed: torch.Tensor
     ) -> None:
         self.store, self.rows, self.slots, self.allowed = store, rows, slots, allowed
+        # Earlier slots gain no blocks during the call (only the queries write), so every
+        # block below the shallowest slot the queries may see passes the check; it runs
+        # from that block up, instead of at every block of every step.
+        width = allowed.shape[-1]
+        seen = allowed.any(dim=1)
+        seen[torch.arange(len(rows), device=rows.device)[:, None], slots] = False
+        depth = store.depth[rows, :width]
+        self.checked_from = int(depth[seen].min()) if bool(seen.any()) else store.num_layers
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.store.check(layer_idx, self.rows, self.slots, self.allowed)
+        if layer_idx >= self.checked_from:
+            self.store.check(layer_idx, self.rows, self.slots, self.allowed)
         self.store.write(layer_idx, self.rows, self.slots, key_states, value_states)
         return self.store.read(layer_idx, self.rows, self.allowed.shape[-1])
 

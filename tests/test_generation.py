@@ -13,10 +13,17 @@ from lm_eval.api.instance import Instance
 from lmutil import STORIES, TINY_CONFIGS, make_lm
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.config import SpadeArgumentError
 from lm_eval_spade.decoders import DecoderKind, decode
 from lm_eval_spade.generation import Generated, GenerationPlan, generate
-from lm_eval_spade.kv_cache import KVStrategy
+from lm_eval_spade.kv_cache import (
+    BlockCache,
+    KVStore,
+    KVStrategy,
+    MissingKeyValuesError,
+    causal_allowed,
+)
 from lm_eval_spade.sampling import GenerationSettingsError, Sampling
 
 L = 5  # stories260K's blocks
@@ -248,6 +255,37 @@ def test_fill_cache_is_the_pairs():
             assert int(out.kv.depth[row, slot]) == L
         earlier = range(start + 1, prompt - 1)
         assert all(int(out.kv.depth[row, s]) == layer for s in earlier)
+
+
+def test_attending_to_a_slot_without_keys_values_raises():
+    """The guard behind every strategy, through the model's own blocks: a query that would
+    attend to an earlier slot lacking a block's keys/values stops with an error naming
+    the block and the slot, however many blocks below pass."""
+    lm = make_lm("spade-exit", STORIES, exit_layer=L)
+    arch = architecture_for(lm.model)
+    ids = torch.tensor([lm.tok_encode("Once upon a time")])
+    width = ids.shape[1]
+    store = KVStore(L, torch.ones_like(ids, dtype=torch.bool), torch.arange(width)[None])
+    rows = torch.tensor([0])
+
+    def run(slots: torch.Tensor, start: int, end: int) -> None:
+        allowed = causal_allowed(store, rows, slots)
+        hidden = arch.embed(ids[:, slots[0]], store.positions[:, slots[0]])
+        if start:  # the state entering `start` is not checked; any will do
+            hidden = arch.run_blocks(hidden, 0, start, store.positions[:, slots[0]])
+        masks = {
+            kind: arch.attention_mask(allowed, hidden.dtype)
+            for kind in arch.mask_kinds(range(start, end))
+        }
+        cache = BlockCache(store, rows, slots, allowed)
+        arch.run_blocks(hidden, start, end, store.positions[:, slots[0]], masks, cache)
+
+    with torch.no_grad():
+        run(torch.arange(width - 1)[None], 0, 2)  # the prompt but its last token, 2 blocks
+        assert store.depth[0].tolist() == [2] * (width - 1) + [0]
+        run(torch.tensor([[width - 1]]), 0, 2)  # the last token: everything it sees is there
+        with pytest.raises(MissingKeyValuesError, match=f"block 2: row 0, query slot {width - 1}"):
+            run(torch.tensor([[width - 1]]), 2, 3)  # block 3: the earlier slots have 2 only
 
 
 @pytest.mark.parametrize("strategy", ["fill", "copy", "recompute"])
