@@ -17,6 +17,12 @@ from typing import Any
 from lm_eval_spade.errors import UserInputError
 
 
+def _program() -> str:
+    """The command as the user typed it: `lm_eval`, `lm-eval`, or `python -m lm_eval`."""
+    name = Path(sys.argv[0]).name
+    return "python -m lm_eval" if name == "__main__.py" else name
+
+
 def install(harness_module: Any) -> None:
     cls = harness_module.HarnessCLI
     if getattr(cls.execute, "_spade_errors", False):
@@ -28,7 +34,7 @@ def install(harness_module: Any) -> None:
         try:
             original(self, args)
         except UserInputError as err:
-            print(f"{Path(sys.argv[0]).name}: error: {err}", file=sys.stderr)
+            print(f"{_program()}: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
     execute._spade_errors = True  # type: ignore[attr-defined]

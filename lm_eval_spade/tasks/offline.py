@@ -4,9 +4,8 @@ Set it to a directory laid out like the datasets' original releases (ARC's jsonl
 BoolQ's SuperGLUE jsonl, HEAD-QA's JSON; see `LAYOUT`), and every lm-eval task that
 loads one of the hub datasets of `HUB_DATASETS` (lm-eval's `arc_easy`, `arc_challenge`,
 `boolq`, `headqa_en`, `headqa_es` and this package's `*_spade` tasks) reads the local
-files instead,
-converted to the hub's schema, so the task configs are unchanged. Unset, tasks load from
-the hub as usual.
+files instead, converted to the hub's schema, so the task configs are unchanged. Unset,
+tasks load from the hub as usual.
 
 BoolQ has no public local training split. Offline, its labelled dev file is split once,
 seeded: 30% becomes `train` (for fitting translators or LoRA) and 70% `validation`, so
