@@ -133,6 +133,11 @@ class LayerwiseLM(SpadeExitLM):
     def _delegates(self) -> bool:
         return self.reference
 
+    @property
+    def _keeps_start(self) -> bool:
+        """Always (unless add_bos_token=False): the reference run scores the same tokens."""
+        return self.add_bos_token is not False
+
     def _desc(self) -> str:
         return f"Scoring {len(self.layout.columns)} layer x decoder columns"
 
