@@ -190,7 +190,7 @@ def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, default=16, help="rows per forward (default: %(default)s)")
     add("--model-args", default="",
         help="extra HFLM model_args, e.g. max_length=1024,dtype=bfloat16 (defaults: "
-        "device=cpu,dtype=float32,add_bos_token=True)")  # fmt: skip
+        "device=cpu,dtype=float32)")  # fmt: skip
     add("--include-path", help="extra lm-eval task folder")
     add("--spade-positions", default="original", choices=["original", "compact"],
         help="position ids of SPADE's pair (default: %(default)s)")  # fmt: skip

@@ -4,7 +4,7 @@ evaluating.
 Training examples are the task's training documents in exactly the form lm-eval scores
 them: the zero-shot context rendered by lm-eval, then the gold continuation. They are
 tokenized as HFLM splits a request (trailing whitespace of the context moves to the
-continuation; a start token first, as spade-exit with `add_bos_token=True`), and the loss
+continuation; a start token first, as spade-exit puts one there), and the loss
 is the cross-entropy of the continuation tokens only. The adapter directory is what
 `--model_args pretrained=MODEL,peft=DIR` loads.
 """

@@ -191,7 +191,11 @@ class SpadeExitLM(HFLM):
 
     @property
     def start_tokens(self) -> set[int]:
-        """Tokens that count as a start token at position 0: BOS and HFLM's prefix token."""
+        """Tokens that count as a start token at position 0: a `prefix_token_id` given in
+        model_args alone (a request that begins otherwise gets it in front, even before a
+        BOS the tokenizer added), else BOS and HFLM's fallback prefix token (EOS)."""
+        if self.custom_prefix_token_id is not None:
+            return {self.custom_prefix_token_id}
         return {t for t in (self.tokenizer.bos_token_id, self.prefix_token_id) if t is not None}
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -155,3 +155,18 @@ def test_bfloat16_last_layer_is_the_full_model(smollm2):
     full32 = _scores(make_lm("spade-exit", smollm2, exit_layer=24), reqs)
     # bfloat16 keeps 8 bits of mantissa: summed log-probs within a few percent.
     assert inner == pytest.approx(full32, rel=0.05, abs=0.3)
+
+
+@pytest.mark.parametrize("add_bos_token", [None, True])
+def test_prefix_token_id_chooses_the_start_token(smollm2, requests, add_bos_token):
+    """`<|endoftext|>` instead of the BOS: the given prefix token goes first, even where
+    add_bos_token=True made the tokenizer add its BOS."""
+    from realmodels import ENDOFTEXT
+
+    args = {"exit_layer": 20, "prefix_token_id": ENDOFTEXT}
+    if add_bos_token is not None:
+        args["add_bos_token"] = add_bos_token
+    lm = make_lm("spade-exit", smollm2, **args)
+    context_enc, _ = lm._encode_pair(*requests[0].args)
+    assert context_enc[0] == ENDOFTEXT
+    assert context_enc[1] != ENDOFTEXT

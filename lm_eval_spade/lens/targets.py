@@ -91,7 +91,7 @@ def start_token_id(tokenizer) -> int:
 
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids with a start token at position 0 (as spade-exit with add_bos_token=True).
+    """Token ids with a start token at position 0 (as spade-exit puts one there).
 
     Long texts keep their last `max_length` tokens (the answer end), as HFLM truncates.
     """

@@ -9,9 +9,10 @@ from typing import Any
 from lm_eval_spade.decoders import SpadePositions
 from lm_eval_spade.sweeps.spec import SweepError
 
-#: HFLM settings sweeps use unless --model-args says otherwise. SPADE pairs every
-#: position with the start token, so requests get one (`add_bos_token`).
-DEFAULT_MODEL_ARGS = {"device": "cpu", "dtype": "float32", "add_bos_token": True}
+#: HFLM settings sweeps use unless --model-args says otherwise. The start token SPADE
+#: pairs every position with is spade-exit's own (HFLM's prefix token where the
+#: tokenizer adds none; `start_token.py`).
+DEFAULT_MODEL_ARGS = {"device": "cpu", "dtype": "float32"}
 
 
 @dataclass
