@@ -147,7 +147,7 @@ def test_unset_setting_leaves_the_hub(monkeypatch):
         (lambda root: root / "nope", "is not a directory"),
         (lambda root: root, "ARC-Easy-Train.jsonl is missing"),
         (lambda root: _with(root, "arc/ARC-Easy/ARC-Easy-Train.jsonl", '{"id": 1}\n'),
-         "lacks \\['id', 'question', 'answerKey'\\]"),
+         "record 1 lacks \\['question', 'answerKey'\\]"),
         (lambda root: _with(root, "arc/ARC-Easy/ARC-Easy-Train.jsonl", "{oops\n"),
          "ARC-Easy-Train.jsonl:1 is not JSON"),
     ],
