@@ -116,7 +116,8 @@ def _model_with_nan(root: Path) -> None:
 
 
 def _data(root: Path) -> None:
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    records = [{"prompt": p, "ending": " play"} for p in PROMPTS]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (root / "bad_field.jsonl").write_text(json.dumps({"question": PROMPTS[0]}) + "\n")
     (root / "not_json.jsonl").write_text("Once upon a time\n")
     (root / "empty.jsonl").write_text("\n")

@@ -33,7 +33,7 @@ from cliutil import (
     run_spade_cli,
     snapshot,
 )
-from lmutil import STORIES
+from lmutil import GENERATION_YAML, STORIES
 
 from lm_eval_spade import calibration
 
@@ -520,24 +520,10 @@ ROWS.update(
     }
 )
 
-GEN_TASK = """\
-task: gen_inf
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: generate_until
-test_split: test
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: " play"
-generation_kwargs:
-  until: ["."]
-  max_gen_toks: 4
-  do_sample: true
-  temperature: .inf
-metric_list:
-  - metric: exact_match
-"""
+#: A generation task whose kwargs ask for temperature=inf.
+GEN_TASK = GENERATION_YAML.replace("story_generation_test", "gen_inf").replace(
+    "do_sample: false", "do_sample: true\n  temperature: .inf"
+)
 
 
 @pytest.fixture(scope="module")

@@ -182,12 +182,18 @@ def test_sigkill_while_training_leaves_the_old_lens(tmp_path, arch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lens", "prompts.jsonl"]
 
 
-@pytest.mark.slow
-def test_sigkill_while_saving_then_the_next_run(tmp_path, arch):
+def _killed(tmp_path: Path, arch, at: str) -> tuple[Path, torch.Tensor]:
+    """An earlier lens, and a `train-lens --overwrite` into it SIGKILLed `at`."""
     out, weight = _lens_dir(tmp_path, arch)
-    proc = _train_lens(out, "--overwrite", kill_at="saving")
+    proc = _train_lens(out, "--overwrite", kill_at=at)
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
+    return out, weight
+
+
+@pytest.mark.slow
+def test_sigkill_while_saving_then_the_next_run(tmp_path, arch):
+    out, weight = _killed(tmp_path, arch, "saving")
     _old_lens_intact(out, weight, arch)
     (partial,) = [p for p in tmp_path.iterdir() if ".partial." in p.name]
     # Without --overwrite the next run cleans up and refuses; the old lens stays.
@@ -202,10 +208,7 @@ def test_sigkill_while_saving_then_the_next_run(tmp_path, arch):
 
 @pytest.mark.slow
 def test_sigkill_between_the_renames_then_the_next_run(tmp_path, arch):
-    out, _ = _lens_dir(tmp_path, arch)
-    proc = _train_lens(out, "--overwrite", kill_at="swapping")
-    proc.communicate(timeout=300)
-    assert proc.returncode == -signal.SIGKILL
+    out, _ = _killed(tmp_path, arch, "swapping")
     assert not out.exists()  # the old lens is aside, the new one not in place
     aside = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert len(aside) == 2 and any(".replaced." in n for n in aside)
