@@ -44,11 +44,22 @@ def _files_digest(folder: Path, contents: bool) -> list[Any]:
     return out
 
 
+def _weights_digest(module: Any) -> str:
+    """SHA-256 of a model object's parameters (a model passed in, not a path)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _where(value: Any, contents: bool) -> Any:
-    """A local folder's resolved path and files; anything else as given."""
+    """A local folder's resolved path and files, a model object's weights; anything
+    else as given."""
     if isinstance(value, str | Path) and Path(value).is_dir():
         folder = Path(value).resolve()
         return [str(folder), _files_digest(folder, contents)]
+    if hasattr(value, "state_dict"):
+        return ["model object", _weights_digest(value)]
     return value
 
 

@@ -80,3 +80,15 @@ def test_use_cache_keeps_settings_apart_and_exits_counted(tmp_path):
     assert stats[0] == stats[2] and stats[0]["requests"] == stats[1]["requests"] == 8 * 4
     assert stats[0]["exit_layer_histogram"] == {"1": 32}
     assert len(list(cache.parent.glob("answers_rank0.spade-*.db"))) == 2
+
+
+def test_a_model_passed_as_an_object_is_keyed_by_its_weights():
+    import torch
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32)
+    first = answer_cache._where(model, contents=False)
+    assert answer_cache._where(model, contents=False) == first
+    with torch.no_grad():
+        model.model.norm.weight[0] += 1.0
+    assert answer_cache._where(model, contents=False) != first
