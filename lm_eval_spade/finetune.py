@@ -7,6 +7,9 @@ tokenized as HFLM splits a request (trailing whitespace of the context moves to 
 continuation; a start token first, as spade-exit puts one there), and the loss
 is the cross-entropy of the continuation tokens only. The adapter directory is what
 `--model_args pretrained=MODEL,peft=DIR` loads.
+
+Training stops at the first non-finite loss or adapter weight and writes nothing; the
+output folder is checked before any work and written atomically (`files`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from tqdm import tqdm
 
 from lm_eval_spade import __version__
 from lm_eval_spade.errors import UserInputError
-from lm_eval_spade.files import write_atomically
+from lm_eval_spade.files import ADAPTER, check_output, write_atomically
+from lm_eval_spade.finite import check_finite, check_training_step, is_rate, optimiser_step
 from lm_eval_spade.lens.data import task_examples
 from lm_eval_spade.lens.targets import start_token_id
 from lm_eval_spade.loading import load_causal_lm
@@ -55,10 +59,18 @@ class FinetuneConfig:
         for name in ("rank", "alpha", "steps", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"{name}={getattr(self, name)} must be at least 1.")
-        if not self.lr > 0:
-            raise FinetuneError(f"lr={self.lr} must be positive.")
+        if not is_rate(self.lr):
+            raise FinetuneError(f"lr={self.lr} must be a positive finite number (at most 3.4e38).")
         if not 0 <= self.dropout < 1:
             raise FinetuneError(f"dropout={self.dropout} must be in [0, 1).")
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """An adapter folder written by an earlier version (before output markers)."""
+    try:
+        return "package_version" in json.loads((path / REPORT_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def encode_example(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], int]:
@@ -130,16 +142,19 @@ def finetune(
     device = next(peft_model.parameters()).device
     order: list[int] = []
     losses: list[float] = []
+    trained = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     bar = tqdm(range(config.steps), desc="LoRA fine-tuning", disable=not progress)
-    for _ in bar:
+    for step in bar:
         if len(order) < config.batch_size:
             order += torch.randperm(len(encoded), generator=generator).tolist()
         batch, order = order[: config.batch_size], order[config.batch_size :]
         loss = peft_model(**_batch([encoded[i] for i in batch], config.max_length, device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        with optimiser_step(step + 1, config.steps, config.lr):
+            optimizer.step()
         losses.append(float(loss.detach()))
+        check_training_step(step + 1, config.steps, losses[-1], trained, config.lr)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     peft_model.eval()
     return peft_model, losses
@@ -156,9 +171,14 @@ def finetune_task(
     revision: str | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    overwrite: bool = False,
 ) -> list[float]:
-    """Fine-tune on a task's split and write the adapter (and a report) to `out`."""
+    """Fine-tune on a task's split and write the adapter (and a report) to `out`; an
+    earlier adapter there is replaced only with `overwrite`."""
     config.check()
+    if limit is not None and limit < 1:
+        raise FinetuneError(f"limit={limit} must be at least 1 (or left out for all documents).")
+    check_output(Path(out), ADAPTER, overwrite, is_adapter_dir)
     examples = task_examples(task, split, include_path)[:limit]
     model, tokenizer = load_causal_lm(pretrained, revision, dtype, device)
     peft_model, losses = finetune(model, tokenizer, examples, config)
@@ -175,10 +195,13 @@ def finetune_task(
         "package_version": __version__,
     }
 
+    adapter = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    check_finite(adapter, f"the LoRA adapter for {out}", "it was not saved.")
+
     def write(tmp: Path) -> None:
         peft_model.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
-    path = write_atomically(Path(out), write)
+    path = write_atomically(Path(out), write, ADAPTER, overwrite, is_adapter_dir)
     logger.info("saved the LoRA adapter to %s", path)
     return losses

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,14 +37,22 @@ from lm_eval.models.utils_hf import pad_and_concat, stop_sequences_criteria
 from tqdm import tqdm
 from transformers import EosTokenCriteria, MaxLengthCriteria
 
-from lm_eval_spade import __version__, calibration
+from lm_eval_spade import __version__, answer_cache, calibration
 from lm_eval_spade.architectures import Architecture, architecture_for
 from lm_eval_spade.config import SPADE_MODEL_ARGS, SpadeArgumentError, SpadeConfig
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
 from lm_eval_spade.exiting import ExitPlan, RowExit, score_rows
+from lm_eval_spade.files import check_output_file
+from lm_eval_spade.finite import NonFiniteError
 from lm_eval_spade.generation import GenerationPlan, RowRecord, generate
 from lm_eval_spade.kv_cache import KVStrategy
 from lm_eval_spade.lens import Lens, LensCheckpointError, LensKind, load_lens
+from lm_eval_spade.loading import (
+    check_adapter_path,
+    check_adapter_weights,
+    check_model_path,
+    hub_load_error,
+)
 from lm_eval_spade.model_args import check_model_args
 from lm_eval_spade.sampling import Sampling
 from lm_eval_spade.start_token import cut_after_start, rolling_windows, with_start
@@ -91,6 +100,16 @@ def _by_gen_kwargs(requests: list[Instance]) -> list[list[int]]:
     return list(groups.values())
 
 
+def _is_exit_log(path: Path) -> bool:
+    """Whether `path` is an exit log spade-exit wrote (a JSON line per request)."""
+    with path.open(errors="replace") as f:
+        line = f.readline()
+    try:
+        return "exit_layer" in json.loads(line)
+    except (ValueError, TypeError):
+        return False
+
+
 def _generation_exit(row: RowRecord) -> RequestExit:
     first = row.exit_layers[0] if row.exit_layers else 0
     return RequestExit(
@@ -115,10 +134,21 @@ class SpadeExitLM(HFLM):
     def __init__(self, pretrained: Any = calibration.NAME, **kwargs: Any) -> None:
         if isinstance(pretrained, str):
             pretrained = calibration.resolve_model(pretrained)
+            check_model_path(pretrained, "pretrained=")
+        if kwargs.get("peft"):
+            check_adapter_path(str(kwargs["peft"]), "peft=")
         check_model_args(pretrained, kwargs)
         spade_args = {k: kwargs.pop(k) for k in list(kwargs) if k in SPADE_MODEL_ARGS}
         self.spade = SpadeConfig.from_model_args(**spade_args)
-        super().__init__(pretrained=pretrained, **kwargs)
+        self._model_args = {"pretrained": pretrained, **kwargs}  # for `answer_cache`
+        try:
+            super().__init__(pretrained=pretrained, **kwargs)
+        except OSError as err:
+            if not isinstance(pretrained, str) or Path(pretrained).is_dir():
+                raise
+            raise hub_load_error(pretrained, err) from err
+        if kwargs.get("peft"):
+            check_adapter_weights(self.model, str(kwargs["peft"]))
         self._shard_cpu_processes()
         self.arch: Architecture | None = None
         self.lens: Lens | None = None
@@ -246,6 +276,7 @@ class SpadeExitLM(HFLM):
             return None
         path = Path(self.spade.exit_log)
         if self.rank == 0:
+            check_output_file(path, _is_exit_log, "exit_log=")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")
         return path
@@ -299,6 +330,7 @@ class SpadeExitLM(HFLM):
         unique, index = _first_occurrences(requests)
         self._rolling, self._row_exits, self._truncated = rolling, [], set()
         results = score(unique, disable_tqdm=disable_tqdm)
+        self._check_finite(unique, results)
         self._record(unique, self._request_exits(unique, rolling))
         self._log_truncation(unique)
         return [results[i] for i in index]
@@ -320,6 +352,18 @@ class SpadeExitLM(HFLM):
                 self.max_length,
                 ", after the start token" if self._keeps_start else "",
             )
+
+    def _check_finite(self, requests: list[Instance], results: list[Any]) -> None:
+        """A NaN or infinite score is an error, never a metric."""
+        for req, answer in zip(requests, results, strict=True):
+            value = answer[0] if isinstance(answer, tuple) else answer
+            if isinstance(value, float) and not math.isfinite(value):
+                raise NonFiniteError(
+                    f"spade-exit scored doc {req.doc_id} of task {req.task_name} as {value}, "
+                    "not a finite number, so no metric is computed from it. Likely cause: "
+                    "the model or lens overflows (try dtype=float32) or holds non-finite "
+                    "weights."
+                )
 
     def _request_exits(self, requests: list[Instance], rolling: bool) -> list[RequestExit]:
         """One exit per request, from the exits of the forwards that served it."""
@@ -355,6 +399,7 @@ class SpadeExitLM(HFLM):
             {"task": req.task_name, "doc_id": req.doc_id, "idx": req.idx, **exit.to_dict()}
             for req, exit in zip(requests, exits, strict=True)
         ]
+        answer_cache.store_exits(self.cache_hook.dbdict, requests, [e.to_dict() for e in exits])
         if self.world_size > 1 and torch.distributed.is_initialized():
             parts: list[Any] = [None] * self.world_size
             torch.distributed.all_gather_object(parts, local)
@@ -611,6 +656,28 @@ class SpadeExitLM(HFLM):
         for text, row in zip(self._batch_contexts, result.rows, strict=True):
             self._generated.setdefault(text, deque()).append(_generation_exit(row))
         return result.tokens
+
+    # --- lm_eval --use_cache (answer_cache) ---------------------------------------------
+    def answer_cache_identity(self) -> str:
+        """What `--use_cache` keys this LM's cache file by (`answer_cache.identity`)."""
+        return answer_cache.identity(self, self._model_args)
+
+    def restore_cached_exits(self, requests: list[Instance], dbdict: Any) -> None:
+        """Record the exits of requests answered from the cache, as stored with them."""
+        unique, _ = _first_occurrences(requests)
+        found = [
+            (req, RequestExit(**record))
+            for req, record in zip(unique, answer_cache.stored_exits(dbdict, unique), strict=True)
+            if record is not None
+        ]
+        if len(found) < len(unique):
+            logger.warning(
+                "%d answers from the cache have no exit record; config.spade.tasks counts the "
+                "other %d requests only",
+                len(unique) - len(found),
+                len(found),
+            )
+        self._record([req for req, _ in found], [exit for _, exit in found])
 
     # --- what ran, for the results JSON ------------------------------------------------
     def get_model_info(self) -> dict:

@@ -271,3 +271,22 @@ def test_leaderboard_ranks_settings_over_tasks_with_speedups(tmp_path):
     assert row["speedup vs hf"] == pytest.approx(1.5)
     averages = board["average"].dropna().tolist()
     assert averages == sorted(averages, reverse=True)
+
+
+def test_a_rerun_replaces_the_earlier_sweep_whole_and_only_when_asked(
+    threshold_sweep, lens, tmp_path
+):
+    earlier = tmp_path / "sweep"
+    shutil.copytree(threshold_sweep[0], earlier)
+    before = {p.stem for p in (earlier / "results").glob("*.json")}
+    rerun = [
+        "sweep", "thresholds", "--model", str(STORIES), "--tasks", ARC, "--limit", "2",
+        "--out", str(earlier), "--lens", str(lens), "--thresholds", "0.5", "--no-baselines",
+    ]  # fmt: skip
+    assert "add --overwrite" in _error(*rerun)
+    assert {p.stem for p in (earlier / "results").glob("*.json")} == before
+    run_cli(*rerun, "--overwrite")
+    after = {p.stem for p in (earlier / "results").glob("*.json")}
+    assert after == {"SPADE-EXIT_T0.5", *(f"static-exit-SPADE-_L{k}" for k in range(6))}
+    assert json.loads((earlier / "sweep.json").read_text())["thresholds"] == [0.5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,24 @@ def _program() -> str:
     return "python -m lm_eval" if name == "__main__.py" else name
 
 
+def close_progress_bars() -> None:
+    """End any progress bar an error interrupted, so the error starts its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def guarded(run: Callable[[], Any]) -> Any:
+    """`run()`, with this package's input errors turned into one line and status 2."""
+    try:
+        return run()
+    except UserInputError as err:
+        close_progress_bars()
+        print(f"{_program()}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def install(harness_module: Any) -> None:
     cls = harness_module.HarnessCLI
     if getattr(cls.execute, "_spade_errors", False):
@@ -31,11 +50,7 @@ def install(harness_module: Any) -> None:
 
     @functools.wraps(original)
     def execute(self: Any, args: Any) -> None:
-        try:
-            original(self, args)
-        except UserInputError as err:
-            print(f"{_program()}: error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+        guarded(lambda: original(self, args))
 
     execute._spade_errors = True  # type: ignore[attr-defined]
     cls.execute = execute

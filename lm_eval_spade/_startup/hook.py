@@ -4,7 +4,7 @@ lm-eval without a wrapper script.
 lm-eval 0.4.13 has no plugin discovery for models or task folders, and `get_model`
 imports its built-in models only while its registry is empty. The wheel installs
 `lm_eval_spade.pth` into site-packages, which imports this module at interpreter start.
-It imports nothing heavy: it adds a finder that waits for three lm-eval modules and,
+It imports nothing heavy: it adds a finder that waits for some lm-eval modules and,
 once each has run, applies this package's addition to it:
 
 - `lm_eval.api.registry`: register `spade-exit` lazily (the model module, and so torch,
@@ -14,7 +14,9 @@ once each has run, applies this package's addition to it:
 - `lm_eval.tasks.manager`: the package's task folder next to lm-eval's own
   (`lm_eval_spade.tasks.configs`);
 - `lm_eval._cli.harness`: this package's input errors end the command with one line
-  (`lm_eval_spade._startup.cli_errors`).
+  (`lm_eval_spade._startup.cli_errors`);
+- `lm_eval.api.model`: `--use_cache` keeps spade-exit's answers apart per setting, with
+  their exits (`lm_eval_spade.answer_cache`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ AFTER_LOAD = {
     "lm_eval.api.task": "lm_eval_spade.tasks.offline:install",
     "lm_eval.tasks.manager": "lm_eval_spade.tasks.configs:install",
     "lm_eval._cli.harness": "lm_eval_spade._startup.cli_errors:install",
+    "lm_eval.api.model": "lm_eval_spade.answer_cache:install",
 }
 
 

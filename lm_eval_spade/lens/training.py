@@ -8,6 +8,7 @@ them all at once; each step runs the frozen model on a batch of examples to make
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from lm_eval_spade.architectures import Architecture, architecture_for
 from lm_eval_spade.decoders import SpadePositions
 from lm_eval_spade.errors import UserInputError
+from lm_eval_spade.finite import check_training_step, is_rate, optimiser_step
 from lm_eval_spade.lens.checkpoint import Lens
 from lm_eval_spade.lens.targets import Targets, encode, final_layer_targets, lspade_targets
 from lm_eval_spade.lens.translators import LensKind
@@ -69,8 +71,14 @@ class LensTrainConfig:
         for name in ("steps", "batch_size", "max_length", "cache_mb"):
             if getattr(self, name) < (0 if name == "cache_mb" else 1):
                 raise LensTrainingError(f"{name}={getattr(self, name)} is too small.")
-        if not self.lr > 0:
-            raise LensTrainingError(f"lr must be positive, not {self.lr}.")
+        if not is_rate(self.lr):
+            raise LensTrainingError(
+                f"lr must be a positive finite number (at most 3.4e38), not {self.lr}."
+            )
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise LensTrainingError(
+                f"weight_decay must be a finite number >= 0 (0: none), not {self.weight_decay}."
+            )
         if not 0 <= self.eval_fraction < 1:
             raise LensTrainingError(f"eval_fraction must be in [0, 1), not {self.eval_fraction}.")
         return layers
@@ -223,7 +231,7 @@ def train_lens(
         before = evaluate_kl(arch, None, config, eval_ids, layers) if eval_ids else {}
         source = TargetSource(arch, config, train_ids, layers, progress)
         bar = tqdm(range(config.steps), desc=f"train {config.kind.value}", disable=not progress)
-        for _ in bar:
+        for step in bar:
             if len(order) < config.batch_size:
                 order += torch.randperm(len(train_ids), generator=generator).tolist()
             batch, order = order[: config.batch_size], order[config.batch_size :]
@@ -231,8 +239,12 @@ def train_lens(
             loss = sum(_kl(arch, lens, targets, layer) for layer in layers) / targets.positions
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            with optimiser_step(step + 1, config.steps, config.lr):
+                optimizer.step()
             losses.append(float(loss.detach()) / len(layers))
+            check_training_step(
+                step + 1, config.steps, losses[-1], lens.named_parameters(), config.lr
+            )
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
         after = evaluate_kl(arch, lens, config, eval_ids, layers) if eval_ids else {}
 

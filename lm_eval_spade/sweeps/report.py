@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from lm_eval_spade.files import REPORT, check_output, staged_output
 from lm_eval_spade.sweeps.layers import DECODER_NAMES
 from lm_eval_spade.sweeps.results import MANIFEST
 from lm_eval_spade.sweeps.spec import SweepError
@@ -441,22 +442,36 @@ def figures(table: pd.DataFrame, out: Path) -> list[Path]:
     return files
 
 
-def make_report(dirs: list[Path], out: Path | None = None) -> Report:
-    """Read `dirs`, write CSV, markdown and PNG files into `out` (default DIR/report)."""
-    table = load_results(dirs)
+def is_report_dir(path: Path) -> bool:
+    """A report folder written by an earlier version (before output markers): only the
+    CSV, markdown and PNG files `make_report` writes."""
+    return all(
+        p.is_file()
+        and p.suffix in {".csv", ".md", ".png"}
+        and p.name.startswith((*KINDS, "leaderboard"))
+        for p in path.iterdir()
+    )
+
+
+def make_report(dirs: list[Path], out: Path | None = None, overwrite: bool = False) -> Report:
+    """Read `dirs`, write CSV, markdown and PNG files into `out` (default DIR/report),
+    written whole; an earlier report there is replaced only with `overwrite`."""
     out = Path(out) if out is not None else Path(dirs[0]) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, REPORT, overwrite, is_report_dir)
+    table = load_results(dirs)
     markdown = tables(table)
-    files = []
-    for kind, text in markdown.items():
-        table[table["kind"] == kind].to_csv(out / f"{kind}.csv", index=False)
-        (out / f"{kind}.md").write_text(text + "\n")
-        files += [out / f"{kind}.csv", out / f"{kind}.md"]
-    board = leaderboard(table)
-    board.to_csv(out / "leaderboard.csv", index=False)
-    markdown["leaderboard"] = leaderboard_markdown(board)
-    (out / "leaderboard.md").write_text(markdown["leaderboard"] + "\n")
-    files += [out / "leaderboard.csv", out / "leaderboard.md"]
-    files += figures(table, out)
+    names = []
+    with staged_output(out, REPORT, overwrite, is_report_dir) as work:
+        for kind, text in markdown.items():
+            table[table["kind"] == kind].to_csv(work / f"{kind}.csv", index=False)
+            (work / f"{kind}.md").write_text(text + "\n")
+            names += [f"{kind}.csv", f"{kind}.md"]
+        board = leaderboard(table)
+        board.to_csv(work / "leaderboard.csv", index=False)
+        markdown["leaderboard"] = leaderboard_markdown(board)
+        (work / "leaderboard.md").write_text(markdown["leaderboard"] + "\n")
+        names += ["leaderboard.csv", "leaderboard.md"]
+        names += [path.name for path in figures(table, work)]
+    files = [out / name for name in names]
     logger.info("wrote %s", ", ".join(str(f) for f in files))
     return Report(table, files, markdown)
