@@ -327,6 +327,9 @@ def _add_training_options(
         help="model dtype (default: %(default)s)")  # fmt: skip
     add("--device", default="cpu", help="torch device (default: %(default)s)")
     add("--revision", help="model revision (recorded with the output)")
+    add("--prefix-token-id", type=values.index,
+        help=f"start token each {unit[:-1]} begins with, as spade-exit's prefix_token_id "
+        "model_arg (default: the tokenizer's BOS, else EOS)")  # fmt: skip
 
 
 def _add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:

@@ -54,6 +54,9 @@ class FinetuneConfig:
     lr: float = 1e-4
     seed: int = 0
     max_length: int = 512
+    #: The start token examples begin with (spade-exit's `prefix_token_id`); None: BOS,
+    #: else EOS. Fine-tune with the one the model will be evaluated with.
+    prefix_token_id: int | None = None
 
     def check(self) -> None:
         for name in ("rank", "alpha", "steps", "batch_size", "max_length"):
@@ -73,14 +76,16 @@ def is_adapter_dir(path: Path) -> bool:
         return False
 
 
-def encode_example(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], int]:
+def encode_example(
+    tokenizer: Any, context: str, continuation: str, prefix_token_id: int | None = None
+) -> tuple[list[int], int]:
     """Token ids of `[start] + context + continuation`, and where the continuation starts."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    return [start_token_id(tokenizer), *ctx, *whole[len(ctx) :]], 1 + len(ctx)
+    return [start_token_id(tokenizer, prefix_token_id), *ctx, *whole[len(ctx) :]], 1 + len(ctx)
 
 
 def _batch(
@@ -137,7 +142,7 @@ def finetune(
     optimizer = torch.optim.AdamW(
         [p for p in peft_model.parameters() if p.requires_grad], lr=config.lr
     )
-    encoded = [encode_example(tokenizer, c, g) for c, g in examples]
+    encoded = [encode_example(tokenizer, c, g, config.prefix_token_id) for c, g in examples]
     generator = torch.Generator().manual_seed(config.seed)
     device = next(peft_model.parameters()).device
     order: list[int] = []

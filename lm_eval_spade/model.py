@@ -47,6 +47,7 @@ from lm_eval_spade.finite import NonFiniteError
 from lm_eval_spade.generation import GenerationPlan, RowRecord, generate
 from lm_eval_spade.kv_cache import KVStrategy
 from lm_eval_spade.lens import Lens, LensCheckpointError, LensKind, load_lens
+from lm_eval_spade.lens.targets import start_token_id
 from lm_eval_spade.loading import (
     check_adapter_path,
     check_adapter_weights,
@@ -269,7 +270,20 @@ class SpadeExitLM(HFLM):
                 f"one that covers them (`lm-eval-spade train-lens --layers ...`), or change "
                 "exit_layer / min_layer / interval."
             )
+        self._check_lens_start_token(lens)
         return lens
+
+    def _check_lens_start_token(self, lens: Lens) -> None:
+        """A lens trained on examples that began with another start token still loads,
+        but its translators saw other states; say so."""
+        settings = lens.config.training.get("settings") or {}
+        trained = start_token_id(self.tokenizer, settings.get("prefix_token_id"))
+        if self._keeps_start and trained != self.prefix_token_id:
+            logger.warning(
+                "the lens at %s was trained with start token %d, but this model starts requests "
+                "with %d; pass prefix_token_id=%d (or train the lens with --prefix-token-id %d).",
+                self.spade.lens, trained, self.prefix_token_id, trained, self.prefix_token_id,
+            )  # fmt: skip
 
     def _start_exit_log(self) -> Path | None:
         if self.spade.exit_log is None:

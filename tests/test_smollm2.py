@@ -170,3 +170,16 @@ def test_prefix_token_id_chooses_the_start_token(smollm2, requests, add_bos_toke
     context_enc, _ = lm._encode_pair(*requests[0].args)
     assert context_enc[0] == ENDOFTEXT
     assert context_enc[1] != ENDOFTEXT
+
+
+def test_finetune_and_lens_examples_begin_with_the_chosen_start_token(smollm2):
+    from realmodels import ENDOFTEXT
+
+    from lm_eval_spade.finetune import encode_example
+    from lm_eval_spade.lens.targets import encode
+
+    tokenizer = T.AutoTokenizer.from_pretrained(smollm2)
+    ids, start = encode_example(tokenizer, "Question: x\nAnswer:", " y", ENDOFTEXT)
+    assert ids[0] == ENDOFTEXT and ids[1:start] == tokenizer("Question: x\nAnswer:")["input_ids"]
+    assert encode_example(tokenizer, "Question: x\nAnswer:", " y")[0][0] == IM_START
+    assert encode(tokenizer, ["Question: x"], 64, ENDOFTEXT)[0][0] == ENDOFTEXT

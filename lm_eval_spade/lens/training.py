@@ -53,6 +53,9 @@ class LensTrainConfig:
     #: Targets of all training examples are made once and kept when they fit in this
     #: many MiB (they do not change between epochs); otherwise each step makes its own.
     cache_mb: int = 2048
+    #: The start token examples begin with (spade-exit's `prefix_token_id`); None: BOS,
+    #: else EOS. Train with the one the lens will be used with.
+    prefix_token_id: int | None = None
 
     def check(self, num_layers: int) -> list[int]:
         """Validate against the model; return the layers to train."""
@@ -210,9 +213,12 @@ def train_lens(
     arch = architecture_for(model)
     layers = config.check(arch.num_layers)
     generator = torch.Generator().manual_seed(config.seed)
-    ids = encode(tokenizer, texts, config.max_length)
+    ids = encode(tokenizer, texts, config.max_length, config.prefix_token_id)
     if eval_texts is not None:
-        train_ids, eval_ids = ids, encode(tokenizer, eval_texts, config.max_length)
+        train_ids, eval_ids = (
+            ids,
+            encode(tokenizer, eval_texts, config.max_length, config.prefix_token_id),
+        )
     else:
         train_ids, eval_ids = _split(ids, config.eval_fraction, generator)
     lens = Lens.untrained(arch, config.kind, layers, revision=revision)
