@@ -56,6 +56,6 @@ def random_llama(blocks: int, hidden: int):
 def write_result(name: str, title: str, intro: str, *tables: str) -> None:
     """Write `results/<name>` (markdown: title, intro, tables) and print it."""
     text = f"# {title}\n\n{intro}\n\n" + "\n\n".join(tables) + "\n"
-    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / name).parent.mkdir(parents=True, exist_ok=True)
     (RESULTS / name).write_text(text)
     print(text)
