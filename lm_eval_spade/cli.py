@@ -40,7 +40,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     info, trained = calibrate(config, Path(args.out), lens)
     print("held-out accuracy at full depth:", info["heldout_accuracy"])
     print("L-SPADE: KL to SPADE on the validation prompts, per layer (nats):")
-    print(trained.report.to_markdown(index=False, floatfmt=".4f"))
+    print(trained.kl_table())
     print(f"saved to {args.out}/model and {args.out}/lspade")
 
 
@@ -70,7 +70,7 @@ def _train_lens(args: argparse.Namespace) -> None:
         args.model, data, config, args.out, args.revision, args.dtype, args.device, args.peft
     )
     print(f"KL to the {args.kind} target on held-out examples, per layer (nats/position):")
-    print(trained.report.to_markdown(index=False, floatfmt=".4f"))
+    print(trained.kl_table())
     print(f"saved to {args.out}")
 
 
@@ -81,18 +81,14 @@ def _export_lens(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from lm_eval_spade.finetune import FinetuneConfig, finetune_task
+    from lm_eval_spade.finetune import FinetuneConfig, finetune_task, loss_summary
 
     config = _from_args(FinetuneConfig, args)
     losses = finetune_task(
         args.model, args.task, args.out, config, args.split, args.include_path, args.limit,
         args.revision, args.dtype, args.device,
     )  # fmt: skip
-    first, last = losses[: min(10, len(losses))], losses[-min(10, len(losses)) :]
-    print(
-        f"loss over the first {len(first)} steps {sum(first) / len(first):.4f}, "
-        f"over the last {len(last)} {sum(last) / len(last):.4f}"
-    )
+    print(loss_summary(losses))
     print(f"adapter saved to {args.out}; evaluate with --model_args pretrained=...,peft={args.out}")
 
 
