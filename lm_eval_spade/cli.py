@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from lm_eval_spade import __version__
+from lm_eval_spade import __version__, logs
 from lm_eval_spade.errors import UserInputError
 
 
@@ -466,10 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.run(args)
     except UserInputError as err:

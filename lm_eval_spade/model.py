@@ -37,6 +37,7 @@ from tqdm import tqdm
 from transformers import EosTokenCriteria, MaxLengthCriteria
 
 from lm_eval_spade import __version__, calibration
+from lm_eval_spade._startup import lm_eval_output
 from lm_eval_spade.architectures import Architecture, architecture_for
 from lm_eval_spade.config import SPADE_MODEL_ARGS, SpadeArgumentError, SpadeConfig
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
@@ -134,6 +135,7 @@ class SpadeExitLM(HFLM):
             if self.spade.lens is not None:
                 self.lens = self._load_lens()
             self.plan = self._exit_plan()
+        lm_eval_output.install()  # the exit table and the samples' exits in lm-eval's output
         #: Every request scored so far (all processes), with its task, doc and exit.
         self.exits: list[dict[str, Any]] = []
         self._row_exits: list[RequestExit] = []
