@@ -17,8 +17,6 @@ from collections import defaultdict
 from operator import itemgetter
 from typing import Any
 
-from pytablewriter import MarkdownTableWriter
-
 logger = logging.getLogger(__name__)
 
 
@@ -45,6 +43,8 @@ def heading(spade: dict[str, Any]) -> str:
 
 def exit_table(spade: dict[str, Any]) -> str:
     """Per task: requests, mean exit layer of L, compute fraction, exit histogram."""
+    from pytablewriter import MarkdownTableWriter  # as lm-eval's make_table, only when used
+
     writer = MarkdownTableWriter()
     writer.headers = [
         "Tasks",

@@ -135,7 +135,7 @@ class SpadeExitLM(HFLM):
             if self.spade.lens is not None:
                 self.lens = self._load_lens()
             self.plan = self._exit_plan()
-        lm_eval_output.install()  # the exit table and the samples' exits in lm-eval's output
+        lm_eval_output.install_sample_exits()  # exits in --log_samples and in the log
         #: Every request scored so far (all processes), with its task, doc and exit.
         self.exits: list[dict[str, Any]] = []
         self._row_exits: list[RequestExit] = []

@@ -14,9 +14,10 @@ once each has run, applies this package's addition to it:
 - `lm_eval.tasks.manager`: the package's task folder next to lm-eval's own
   (`lm_eval_spade.tasks.configs`);
 - `lm_eval._cli.harness` (the `lm_eval` command): this package's input errors end the
-  command with one line (`lm_eval_spade._startup.cli_errors`), its log lines take
-  lm-eval's format and level (`lm_eval_spade.logs`), and spade-exit's results table is
-  followed by its exit table (`lm_eval_spade._startup.lm_eval_output`).
+  command with one line (`lm_eval_spade._startup.cli_errors`), and its log lines take
+  lm-eval's format and level (`lm_eval_spade.logs`);
+- `lm_eval.utils`: `make_table` follows spade-exit's results table with its exit table
+  (`lm_eval_spade._startup.lm_eval_output`).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ AFTER_LOAD = {
     "lm_eval._cli.harness": (
         "lm_eval_spade._startup.cli_errors:install",
         "lm_eval_spade.logs:attach_to_lm_eval",
-        "lm_eval_spade._startup.lm_eval_output:install_exit_table",
     ),
+    "lm_eval.utils": ("lm_eval_spade._startup.lm_eval_output:install_exit_table",),
 }
 
 

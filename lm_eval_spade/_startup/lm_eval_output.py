@@ -10,9 +10,8 @@ addition:
   function itself, and its tracebacks hold no frame of ours.
 - `lm_eval.utils.make_table`, which the command prints after the run: for a results dict
   of spade-exit (`config.spade`) the results table is followed by the exit table. The
-  command imports it before any model exists, so it is installed when lm-eval's CLI
-  module loads (and, for Python use, with the model); for other results it returns
-  lm-eval's table unchanged.
+  command (and many scripts) import it before any model exists, so it is wrapped as soon
+  as `lm_eval.utils` loads; for other results it returns lm-eval's table unchanged.
 """
 
 from __future__ import annotations
@@ -68,16 +67,13 @@ def _wrap_once(module: ModuleType, name: str, wrap: Callable[[Any], Any]) -> Non
         setattr(module, name, wrap(getattr(module, name)))
 
 
-def install_exit_table(_harness: ModuleType | None = None) -> None:
-    """The exit table after lm-eval's results table (run once lm-eval's CLI loads)."""
-    import lm_eval.utils
-
-    _wrap_once(lm_eval.utils, "make_table", _with_exit_table)
+def install_exit_table(utils: ModuleType) -> None:
+    """The exit table after lm-eval's results table (run once `lm_eval.utils` loads)."""
+    _wrap_once(utils, "make_table", _with_exit_table)
 
 
-def install() -> None:
-    """Everything of this module; a spade-exit model calls it when it is created."""
+def install_sample_exits() -> None:
+    """Exits in the logged samples and the log; a spade-exit model calls it when created."""
     import lm_eval.evaluator
 
-    install_exit_table()
     _wrap_once(lm_eval.evaluator, "evaluate", _with_exits_in_samples)
