@@ -183,7 +183,7 @@ def finetune_task(
 ) -> list[float]:
     """Fine-tune on a task's split and write the adapter (and a report) to `out`."""
     config.check()
-    examples = task_examples(task, split, include_path)[:limit]
+    examples = task_examples(task, split, include_path, limit)
     model, tokenizer = load_causal_lm(pretrained, revision, dtype, device)
     peft_model, losses = finetune(model, tokenizer, examples, config)
     report = {
