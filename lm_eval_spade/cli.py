@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from lm_eval_spade import __version__, logs
+from lm_eval_spade import cli_values as values
+from lm_eval_spade._startup.cli_errors import close_progress_bars
 from lm_eval_spade.errors import UserInputError
 
 
@@ -26,6 +28,7 @@ def _demo(args: argparse.Namespace) -> None:
         model=args.model,
         limit=args.limit,
         real_threshold=args.real_threshold,
+        overwrite=args.overwrite,
     )
     print(demo.summary(demo.run(config)))
 
@@ -37,7 +40,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     config = _from_args(CalibrationConfig, args)
     lens = lens_config(args.seed)
     lens.steps = args.lens_steps
-    info, trained = calibrate(config, Path(args.out), lens)
+    info, trained = calibrate(config, Path(args.out), lens, args.overwrite)
     print("held-out accuracy at full depth:", info["heldout_accuracy"])
     print("L-SPADE: KL to SPADE on the validation prompts, per layer (nats):")
     print(trained.kl_table())
@@ -47,7 +50,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 def _from_args(config_class: type, args: argparse.Namespace, **converted: Any) -> Any:
     """A settings dataclass from the parsed options of the same names."""
     names = {f.name for f in fields(config_class)}
-    given = {k: v for k, v in vars(args).items() if k in names}
+    given = {k: v for k, v in vars(args).items() if k in names and k != "overwrite"}
     return config_class(**{**given, **converted})
 
 
@@ -67,8 +70,9 @@ def _train_lens(args: argparse.Namespace) -> None:
         args.data, args.split, args.include_path, args.limit, args.eval_data, args.eval_split
     )
     trained = train_and_save(
-        args.model, data, config, args.out, args.revision, args.dtype, args.device, args.peft
-    )
+        args.model, data, config, args.out, args.revision, args.dtype, args.device, args.peft,
+        args.overwrite,
+    )  # fmt: skip
     print(f"KL to the {args.kind} target on held-out examples, per layer (nats/position):")
     print(trained.kl_table())
     print(f"saved to {args.out}")
@@ -77,7 +81,8 @@ def _train_lens(args: argparse.Namespace) -> None:
 def _export_lens(args: argparse.Namespace) -> None:
     from lm_eval_spade.lens.jobs import export_to_tuned_lens
 
-    print(f"wrote {export_to_tuned_lens(args.lens, args.out)} (tuned-lens format)")
+    out = export_to_tuned_lens(args.lens, args.out, args.overwrite)
+    print(f"wrote {out} (tuned-lens format)")
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -86,7 +91,7 @@ def _finetune(args: argparse.Namespace) -> None:
     config = _from_args(FinetuneConfig, args)
     losses = finetune_task(
         args.model, args.task, args.out, config, args.split, args.include_path, args.limit,
-        args.revision, args.dtype, args.device,
+        args.revision, args.dtype, args.device, args.overwrite,
     )  # fmt: skip
     print(loss_summary(losses))
     print(f"adapter saved to {args.out}; evaluate with --model_args pretrained=...,peft={args.out}")
@@ -101,6 +106,7 @@ def _sweep_settings(args: argparse.Namespace):
         batch_size=args.batch_size, model_args=args.model_args,
         include_path=args.include_path, spade_positions=SpadePositions(args.spade_positions),
         bootstrap_iters=args.bootstrap_iters, time_full_depth=not args.no_full_depth_timing,
+        overwrite=args.overwrite,
     )  # fmt: skip
 
 
@@ -169,7 +175,8 @@ def _sweep_transfer(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from lm_eval_spade.sweeps.report import make_report
 
-    report = make_report([Path(d) for d in args.dirs], Path(args.out) if args.out else None)
+    out = Path(args.out) if args.out else None
+    report = make_report([Path(d) for d in args.dirs], out, args.overwrite)
     for text in report.markdown.values():
         print(text + "\n")
     print("wrote " + ", ".join(str(f) for f in report.files))
@@ -182,26 +189,30 @@ def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
     add("--tasks", required=True, nargs="+",
         help="lm-eval task names (loglikelihood or loglikelihood_rolling tasks)")  # fmt: skip
     add("--out", required=True, help="output folder (results/ per setting, sweep.json)")
-    add("--limit", type=float, help="documents per task (lm-eval's --limit; < 1: a fraction)")
-    add("--batch-size", type=int, default=16, help="rows per forward (default: %(default)s)")
+    add("--limit", type=values.limit,
+        help="documents per task (lm-eval's --limit; < 1: a fraction)")  # fmt: skip
+    add("--batch-size", type=values.count, default=16,
+        help="rows per forward (default: %(default)s)")  # fmt: skip
     add("--model-args", default="",
         help="extra HFLM model_args, e.g. max_length=1024,dtype=bfloat16 (defaults: "
-        "device=cpu,dtype=float32,add_bos_token=True)")  # fmt: skip
+        "device=cpu,dtype=float32)")  # fmt: skip
     add("--include-path", help="extra lm-eval task folder")
     add("--spade-positions", default="original", choices=["original", "compact"],
         help="position ids of SPADE's pair (default: %(default)s)")  # fmt: skip
-    add("--bootstrap-iters", type=int, default=1000,
+    add("--bootstrap-iters", type=values.index, default=1000,
         help="lm-eval's bootstrap iterations for stderr (default: %(default)s)")  # fmt: skip
     add("--no-full-depth-timing", action="store_true",
         help="skip timing a full-depth run of the same requests (cost ratio's base)")  # fmt: skip
+    _add_overwrite(parser, "sweep folder")
 
 
 def _add_threshold_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--thresholds", required=True, nargs="+",
         help="uncertainty thresholds in nats (numbers, inf, -inf; commas allowed)")  # fmt: skip
-    add("--interval", type=int, default=1, help="check every N blocks (default: %(default)s)")
-    add("--min-layer", type=int, help="first check layer (default: --interval)")
+    add("--interval", type=values.count, default=1,
+        help="check every N blocks (default: %(default)s)")  # fmt: skip
+    add("--min-layer", type=values.index, help="first check layer (default: --interval)")
 
 
 def _sweep_parser(
@@ -272,11 +283,12 @@ def _add_sweeps(commands) -> None:
     add = transfer.add_argument
     add("--train-tasks", nargs="+", help="tasks to train lenses on (default: --tasks)")
     add("--lens", nargs="+", metavar="TASK=DIR", help="ready lenses instead of training")
-    add("--train-limit", type=int, help="training documents per task (default: all)")
-    add("--lens-steps", type=int, default=300, help="lens training steps (default: %(default)s)")
-    add("--lens-batch-size", type=int, default=16, help="(default: %(default)s)")
-    add("--lens-lr", type=float, default=1e-3, help="(default: %(default)s)")
-    add("--seed", type=int, default=0, help="lens training seed (default: %(default)s)")
+    add("--train-limit", type=values.count, help="training documents per task (default: all)")
+    add("--lens-steps", type=values.count, default=300,
+        help="lens training steps (default: %(default)s)")  # fmt: skip
+    add("--lens-batch-size", type=values.count, default=16, help="(default: %(default)s)")
+    add("--lens-lr", type=values.rate, default=1e-3, help="(default: %(default)s)")
+    add("--seed", type=values.seed, default=0, help="lens training seed (default: %(default)s)")
 
     report = commands.add_parser(
         "report",
@@ -289,6 +301,7 @@ def _add_sweeps(commands) -> None:
     )
     report.add_argument("dirs", nargs="+", metavar="DIR", help="result folders")
     report.add_argument("--out", help="where to write (default: first DIR/report)")
+    _add_overwrite(report, "report folder")
     report.set_defaults(run=_report)
 
 
@@ -297,18 +310,31 @@ def _add_training_options(
 ) -> None:
     """The options every training command has: loop, model precision and place."""
     add = parser.add_argument
-    add("--steps", type=int, default=steps, help="optimiser steps (default: %(default)s)")
-    add("--batch-size", type=int, default=batch_size,
+    add("--steps", type=values.count, default=steps,
+        help="optimiser steps (default: %(default)s)")  # fmt: skip
+    add("--batch-size", type=values.count, default=batch_size,
         help=f"{unit} per step (default: %(default)s)")  # fmt: skip
-    add("--lr", type=float, default=lr, help="learning rate (default: %(default)s)")
-    add("--seed", type=int, default=0,
+    add("--lr", type=values.rate, default=lr, help="learning rate (default: %(default)s)")
+    add("--seed", type=values.seed, default=0,
         help="initialisation, data order and held-out split (default: %(default)s)")  # fmt: skip
-    add("--max-length", type=int, default=512,
+    add("--max-length", type=values.count, default=512,
         help=f"tokens kept per {unit[:-1]}, from the end (default: %(default)s)")  # fmt: skip
     add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
         help="model dtype (default: %(default)s)")  # fmt: skip
     add("--device", default="cpu", help="torch device (default: %(default)s)")
     add("--revision", help="model revision (recorded with the output)")
+    add("--prefix-token-id", type=values.index,
+        help=f"start token each {unit[:-1]} begins with, as spade-exit's prefix_token_id "
+        "model_arg (default: the tokenizer's BOS, else EOS)")  # fmt: skip
+
+
+def _add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help=f"replace an existing {what} from an earlier run (kept until the new one is "
+        "complete); without it an existing output is refused. Folders lm-eval-spade did "
+        "not write are never replaced.",
+    )  # fmt: skip
 
 
 def _add_finetune(commands) -> None:
@@ -329,13 +355,15 @@ def _add_finetune(commands) -> None:
     add("--split", default="train", choices=["train", "validation", "test"],
         help="split to train on (default: %(default)s)")  # fmt: skip
     add("--include-path", help="extra lm-eval task directory")
-    add("--limit", type=int, help="use at most this many training documents")
-    add("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
-    add("--alpha", type=int, default=16, help="LoRA alpha (default: %(default)s)")
-    add("--dropout", type=float, default=0.0, help="LoRA dropout (default: %(default)s)")
+    add("--limit", type=values.count, help="use at most this many training documents")
+    add("--rank", type=values.count, default=8, help="LoRA rank (default: %(default)s)")
+    add("--alpha", type=values.count, default=16, help="LoRA alpha (default: %(default)s)")
+    add("--dropout", type=values.fraction, default=0.0,
+        help="LoRA dropout (default: %(default)s)")  # fmt: skip
     add("--target-modules", nargs="+",
         help="modules to adapt (default: peft's choice for the family)")  # fmt: skip
     _add_training_options(tune, "documents", steps=100, batch_size=8, lr=1e-4)
+    _add_overwrite(tune, "adapter folder")
     tune.set_defaults(run=_finetune)
 
 
@@ -352,16 +380,21 @@ def _add_calibrate(commands) -> None:
     )
     add = cal.add_argument
     add("--out", required=True, help="output directory")
-    add("--layers", type=int, default=12, help="blocks (default: %(default)s)")
-    add("--hidden-size", type=int, default=64, help="(default: %(default)s)")
-    add("--heads", type=int, default=4, help="(default: %(default)s)")
-    add("--steps", type=int, default=4000, help="optimiser steps (default: %(default)s)")
-    add("--batch-size", type=int, default=64, help="items per step (default: %(default)s)")
-    add("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
-    add("--sum-weight", type=float, default=1.0,
+    add("--layers", type=values.count, default=12, help="blocks (default: %(default)s)")
+    add("--hidden-size", type=values.count, default=64, help="(default: %(default)s)")
+    add("--heads", type=values.count, default=4, help="(default: %(default)s)")
+    add("--steps", type=values.count, default=4000,
+        help="optimiser steps (default: %(default)s)")  # fmt: skip
+    add("--batch-size", type=values.count, default=64,
+        help="items per step (default: %(default)s)")  # fmt: skip
+    add("--lr", type=values.rate, default=3e-3,
+        help="peak learning rate (default: %(default)s)")  # fmt: skip
+    add("--sum-weight", type=values.weight, default=1.0,
         help="weight of the sum loss at `=` (default: %(default)s)")  # fmt: skip
-    add("--seed", type=int, default=0, help="(default: %(default)s)")
-    add("--lens-steps", type=int, default=1000, help="L-SPADE steps (default: %(default)s)")
+    add("--seed", type=values.seed, default=0, help="(default: %(default)s)")
+    add("--lens-steps", type=values.count, default=1000,
+        help="L-SPADE steps (default: %(default)s)")  # fmt: skip
+    _add_overwrite(cal, "calibrate output")
     cal.set_defaults(run=_calibrate)
 
 
@@ -389,20 +422,21 @@ def _add_train_lens(commands) -> None:
     add("--split", default="train", choices=["train", "validation", "test"],
         help="task split to train on (default: %(default)s)")  # fmt: skip
     add("--include-path", help="extra lm-eval task directory (like lm_eval --include_path)")
-    add("--limit", type=int, help="use at most this many examples")
+    add("--limit", type=values.count, help="use at most this many examples")
     add("--eval-data", help="held-out data (default: a seeded --eval-fraction of --data)")
     add("--eval-split", default="validation", help="split of --eval-data (default: %(default)s)")
-    add("--eval-fraction", type=float, default=0.1,
+    add("--eval-fraction", type=values.fraction, default=0.1,
         help="fraction held out when --eval-data is not given (default: %(default)s)")  # fmt: skip
-    add("--layers", type=int, nargs="+", help="layers to train (default: 0..L-1)")
+    add("--layers", type=values.index, nargs="+", help="layers to train (default: 0..L-1)")
     add("--optimizer", default="adam", choices=["adam", "sgd"], help="(default: %(default)s)")
-    add("--weight-decay", type=float, default=0.0, help="(default: %(default)s)")
+    add("--weight-decay", type=values.weight, default=0.0, help="(default: %(default)s)")
     add("--spade-positions", default="original", choices=["original", "compact"],
         help="position ids of SPADE's pair for lspade targets (default: %(default)s)")  # fmt: skip
-    add("--cache-mb", type=int, default=2048,
+    add("--cache-mb", type=values.index, default=2048,
         help="keep targets in memory up to this size, else remake them each step")  # fmt: skip
     add("--peft", help="LoRA adapter directory to apply to the model first")
     _add_training_options(train, "examples", steps=300, batch_size=16, lr=1e-3)
+    _add_overwrite(train, "lens folder")
     train.set_defaults(run=_train_lens)
 
     export = commands.add_parser(
@@ -415,6 +449,7 @@ def _add_train_lens(commands) -> None:
     )
     export.add_argument("lens", help="lens directory made by train-lens")
     export.add_argument("out", help="output directory")
+    _add_overwrite(export, "export folder")
     export.set_defaults(run=_export_lens)
 
 
@@ -449,13 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = demo.add_argument
     add("--out", default="runs/demo", help="working directory (default: %(default)s)")
-    add("--threshold", type=float, default=0.05,
+    add("--threshold", type=values.nats, default=0.05,
         help="SPADE-EXIT threshold, nats of L-SPADE entropy (default: %(default)s)")  # fmt: skip
     add("--data-dir", help="directory of the datasets' release files (as LM_EVAL_SPADE_DATA_DIR)")
     add("--model", help="model for the real tasks (needed with --data-dir)")
-    add("--limit", type=int, default=40, help="documents per real task (default: %(default)s)")
-    add("--real-threshold", type=float, default=2.0,
+    add("--limit", type=values.count, default=40,
+        help="documents per real task (default: %(default)s)")  # fmt: skip
+    add("--real-threshold", type=values.nats, default=2.0,
         help="SPADE-EXIT threshold on the real tasks, nats (default: %(default)s)")  # fmt: skip
+    _add_overwrite(demo, "demo folder")
     demo.set_defaults(run=_demo)
     _add_calibrate(commands)
     _add_train_lens(commands)
@@ -471,6 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except UserInputError as err:
         # Bad input is the user's to fix: one line naming it, no traceback.
+        close_progress_bars()
         command = " ".join(filter(None, [args.command, getattr(args, "sweep", None)]))
         raise SystemExit(f"lm-eval-spade {command}: error: {err}") from None
 

@@ -1,13 +1,20 @@
 """The spade-exit settings, parsed and checked from lm-eval `model_args`.
 
 lm-eval turns `key=value` strings into Python values loosely ("3" becomes 3, "true"
-becomes True), so every field is checked here and a bad value is refused with one line
-that names the key, what was given and what is accepted.
+becomes True, and its CLI makes "-1" the float -1.0), so every field is checked here and
+a bad value is refused with one line that names the key, what was given and what is
+accepted. A whole-number float counts as that integer, so `exit_layer=-1` is refused for
+its range, not its type. A key given without a value (`exit_log=`) or as `None` is
+refused rather than read as "not set": `exit_layer=None` would otherwise run plain `hf`.
+
+Values that cannot be meant are refused too: a negative `threshold` (every uncertainty
+is at least 0 nats, so it never passes; `-inf` says "never exit" on purpose).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
@@ -34,7 +41,9 @@ def _int_value(key: str, value: Any) -> int:
         raise SpadeArgumentError(f"{key}={value!r} must be an integer, not a boolean.")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # lm-eval's CLI reads "-1" as -1.0
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
         return int(value)
     raise SpadeArgumentError(f"{key}={value!r} must be an integer (a layer index or count).")
 
@@ -102,7 +111,13 @@ class SpadeConfig:
         unknown = set(args) - set(SPADE_MODEL_ARGS)
         if unknown:
             raise SpadeArgumentError(f"unknown spade-exit settings: {sorted(unknown)}.")
-        given = {k for k, v in args.items() if v is not None}
+        for key, value in args.items():
+            if value is None or (isinstance(value, str) and not value.strip()):
+                shown = "None" if value is None else ""
+                raise SpadeArgumentError(
+                    f"{key}={shown} gives no value: set one, or leave {key} out of --model_args."
+                )
+        given = set(args)
         fields: dict[str, Any] = {}
         if "decoder" in given:
             fields["decoder"] = _enum_value(DecoderKind, "decoder", args["decoder"])
@@ -133,6 +148,12 @@ class SpadeConfig:
         return config._with_defaults()
 
     def _check(self, given: set[str]) -> None:
+        if self.threshold is not None and self.threshold < 0 and not self.never_exits:
+            raise SpadeArgumentError(
+                f"threshold={self.threshold:g} can never pass: uncertainties are at least 0 "
+                "nats, so no request would exit. Give a threshold >= 0, or threshold=-inf to "
+                "never exit on purpose."
+            )
         adaptive_only = sorted(
             given & {"interval", "min_layer", "confidence", "confidence_decoder", "exit_log"}
         )

@@ -6,6 +6,11 @@ threshold, and lm-eval prints its results table each time. Given a directory of 
 ARC/BoolQ/HeadQA release files and a model that reads English, it also trains that model's
 L-SPADE translators on a slice of ARC-Easy's training prompts and runs SPADE-EXIT on the
 real prompts of `arc_easy_spade`, `boolq_spade` and `headqa_en_spade`.
+
+The working folder is written whole (`files.staged_output`); `lm_eval` runs inside it with
+paths relative to it, so the results it records name the lens as `lspade-real`, which
+stays true once the folder is in place. A rerun replaces an earlier demo folder only
+with `overwrite`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from lm_eval_spade import calibration
 from lm_eval_spade.errors import UserInputError
+from lm_eval_spade.files import DEMO, staged_output
 from lm_eval_spade.tasks import offline
 
 logger = logging.getLogger(__name__)
@@ -41,8 +47,11 @@ class DemoConfig:
     limit: int = 40
     #: The real tasks' threshold: a small English model is far less sure of its answers.
     real_threshold: float = 2.0
+    overwrite: bool = False
 
     def check(self) -> None:
+        if self.limit < 1:
+            raise UserInputError(f"--limit {self.limit} must be at least 1.")
         if self.data_dir is None:
             return
         if self.model is None:
@@ -63,9 +72,10 @@ class Run:
     limit: int | None = None
 
 
-def lm_eval(run: Run, out: Path, env: dict[str, str] | None = None) -> dict:
-    """Run the real `lm_eval` command (its table goes to stdout) and return its results."""
-    target = out / "results" / run.name
+def lm_eval(run: Run, work: Path, env: dict[str, str] | None = None) -> dict:
+    """Run the real `lm_eval` command in `work` (its table goes to stdout) and return
+    its results."""
+    target = Path("results") / run.name
     command = [
         str(Path(sys.executable).parent / "lm_eval"), "--model", run.model,
         "--model_args", run.model_args, "--tasks", ",".join(run.tasks),
@@ -74,21 +84,20 @@ def lm_eval(run: Run, out: Path, env: dict[str, str] | None = None) -> dict:
     if run.limit is not None:
         command += ["--limit", str(run.limit)]
     logger.info("running: %s", " ".join(command))
-    subprocess.run(command, check=True, env={**os.environ, **(env or {})})
-    (path,) = target.rglob("results_*.json")
+    subprocess.run(command, check=True, env={**os.environ, **(env or {})}, cwd=work)
+    (path,) = (work / target).rglob("results_*.json")
     return json.loads(path.read_text())
 
 
-def _real_task_lens(config: DemoConfig) -> Path:
+def _real_task_lens(model: str, work: Path) -> str:
+    """Train the real tasks' L-SPADE lens into `work`; its path relative to `work`."""
     from lm_eval_spade.lens.jobs import DataSpec, train_and_save
     from lm_eval_spade.lens.training import LensTrainConfig
     from lm_eval_spade.lens.translators import LensKind
 
-    out = config.out / "lspade-real"
     settings = LensTrainConfig(kind=LensKind.LSPADE, steps=60, batch_size=16, lr=3e-3)
-    assert config.model is not None
-    train_and_save(config.model, DataSpec("arc_easy_spade", limit=320), settings, out)
-    return out
+    train_and_save(model, DataSpec("arc_easy_spade", limit=320), settings, work / "lspade-real")
+    return "lspade-real"
 
 
 @contextlib.contextmanager
@@ -107,7 +116,11 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 def run(config: DemoConfig) -> list[tuple[Run, dict]]:
     config.check()
-    config.out.mkdir(parents=True, exist_ok=True)
+    with staged_output(config.out, DEMO, config.overwrite) as work:
+        return _run(config, work)
+
+
+def _run(config: DemoConfig, work: Path) -> list[tuple[Run, dict]]:
     exits = f"threshold={config.threshold}"
     runs = [
         Run("calibration-hf", "hf", f"pretrained={calibration.model_dir()}", [calibration.TASK]),
@@ -116,17 +129,20 @@ def run(config: DemoConfig) -> list[tuple[Run, dict]]:
     ]  # fmt: skip
     env = {}
     if config.data_dir is not None:
+        assert config.model is not None
         env[offline.ENV] = str(config.data_dir.resolve())
+        # lm_eval runs inside the working folder: a local model path must not depend on it.
+        model = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
         with _environment(env):  # the lens reads ARC-Easy's training prompts in-process
-            lens = _real_task_lens(config)
+            lens = _real_task_lens(model, work)
         runs.append(
             # BoolQ passages outgrow a small model's context; HFLM would cut the start token
             # off, which SPADE refuses, so the whole prompt is kept (as the sweeps do).
             Run("real-spade-exit", "spade-exit",
-                f"pretrained={config.model},lens={lens},threshold={config.real_threshold},"
+                f"pretrained={model},lens={lens},threshold={config.real_threshold},"
                 "max_length=2048", REAL_TASKS, config.limit)
         )  # fmt: skip
-    return [(r, lm_eval(r, config.out, env)) for r in runs]
+    return [(r, lm_eval(r, work, env)) for r in runs]
 
 
 def summary(results: list[tuple[Run, dict]]) -> str:

@@ -4,9 +4,12 @@ evaluating.
 Training examples are the task's training documents in exactly the form lm-eval scores
 them: the zero-shot context rendered by lm-eval, then the gold continuation. They are
 tokenized as HFLM splits a request (trailing whitespace of the context moves to the
-continuation; a start token first, as spade-exit with `add_bos_token=True`), and the loss
+continuation; a start token first, as spade-exit puts one there), and the loss
 is the cross-entropy of the continuation tokens only. The adapter directory is what
 `--model_args pretrained=MODEL,peft=DIR` loads.
+
+Training stops at the first non-finite loss or adapter weight and writes nothing; the
+output folder is checked before any work and written atomically (`files`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from tqdm import tqdm
 
 from lm_eval_spade import __version__
 from lm_eval_spade.errors import UserInputError
-from lm_eval_spade.files import write_atomically
+from lm_eval_spade.files import ADAPTER, check_output, write_atomically
+from lm_eval_spade.finite import check_finite, check_training_step, is_rate, optimiser_step
 from lm_eval_spade.lens.data import task_examples
 from lm_eval_spade.lens.targets import start_token_id
 from lm_eval_spade.loading import load_causal_lm
@@ -50,13 +54,16 @@ class FinetuneConfig:
     lr: float = 1e-4
     seed: int = 0
     max_length: int = 512
+    #: The start token examples begin with (spade-exit's `prefix_token_id`); None: BOS,
+    #: else EOS. Fine-tune with the one the model will be evaluated with.
+    prefix_token_id: int | None = None
 
     def check(self) -> None:
         for name in ("rank", "alpha", "steps", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"{name}={getattr(self, name)} must be at least 1.")
-        if not self.lr > 0:
-            raise FinetuneError(f"lr={self.lr} must be positive.")
+        if not is_rate(self.lr):
+            raise FinetuneError(f"lr={self.lr} must be a positive finite number (at most 3.4e38).")
         if not 0 <= self.dropout < 1:
             raise FinetuneError(f"dropout={self.dropout} must be in [0, 1).")
 
@@ -85,14 +92,24 @@ def loss_summary(losses: list[float]) -> str:
     )
 
 
-def encode_example(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], int]:
+def is_adapter_dir(path: Path) -> bool:
+    """An adapter folder written by an earlier version (before output markers)."""
+    try:
+        return "package_version" in json.loads((path / REPORT_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def encode_example(
+    tokenizer: Any, context: str, continuation: str, prefix_token_id: int | None = None
+) -> tuple[list[int], int]:
     """Token ids of `[start] + context + continuation`, and where the continuation starts."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    return [start_token_id(tokenizer), *ctx, *whole[len(ctx) :]], 1 + len(ctx)
+    return [start_token_id(tokenizer, prefix_token_id), *ctx, *whole[len(ctx) :]], 1 + len(ctx)
 
 
 def _batch(
@@ -149,21 +166,24 @@ def finetune(
     optimizer = torch.optim.AdamW(
         [p for p in peft_model.parameters() if p.requires_grad], lr=config.lr
     )
-    encoded = [encode_example(tokenizer, c, g) for c, g in examples]
+    encoded = [encode_example(tokenizer, c, g, config.prefix_token_id) for c, g in examples]
     generator = torch.Generator().manual_seed(config.seed)
     device = next(peft_model.parameters()).device
     order: list[int] = []
     losses: list[float] = []
+    trained = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     bar = tqdm(range(config.steps), desc="LoRA fine-tuning", disable=not progress)
-    for _ in bar:
+    for step in bar:
         if len(order) < config.batch_size:
             order += torch.randperm(len(encoded), generator=generator).tolist()
         batch, order = order[: config.batch_size], order[config.batch_size :]
         loss = peft_model(**_batch([encoded[i] for i in batch], config.max_length, device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        with optimiser_step(step + 1, config.steps, config.lr):
+            optimizer.step()
         losses.append(float(loss.detach()))
+        check_training_step(step + 1, config.steps, losses[-1], trained, config.lr)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     peft_model.eval()
     return peft_model, losses
@@ -180,9 +200,14 @@ def finetune_task(
     revision: str | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    overwrite: bool = False,
 ) -> list[float]:
-    """Fine-tune on a task's split and write the adapter (and a report) to `out`."""
+    """Fine-tune on a task's split and write the adapter (and a report) to `out`; an
+    earlier adapter there is replaced only with `overwrite`."""
     config.check()
+    if limit is not None and limit < 1:
+        raise FinetuneError(f"limit={limit} must be at least 1 (or left out for all documents).")
+    check_output(Path(out), ADAPTER, overwrite, is_adapter_dir)
     examples = task_examples(task, split, include_path, limit)
     model, tokenizer = load_causal_lm(pretrained, revision, dtype, device)
     peft_model, losses = finetune(model, tokenizer, examples, config)
@@ -198,10 +223,13 @@ def finetune_task(
         "package_version": __version__,
     }
 
+    adapter = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    check_finite(adapter, f"the LoRA adapter for {out}", "it was not saved.")
+
     def write(tmp: Path) -> None:
         peft_model.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
-    path = write_atomically(Path(out), write)
+    path = write_atomically(Path(out), write, ADAPTER, overwrite, is_adapter_dir)
     logger.info("saved the LoRA adapter to %s", path)
     return losses

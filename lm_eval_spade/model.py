@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,17 +37,27 @@ from lm_eval.models.utils_hf import pad_and_concat, stop_sequences_criteria
 from tqdm import tqdm
 from transformers import EosTokenCriteria, MaxLengthCriteria
 
-from lm_eval_spade import __version__, calibration
+from lm_eval_spade import __version__, answer_cache, calibration
 from lm_eval_spade._startup import lm_eval_output
 from lm_eval_spade.architectures import Architecture, architecture_for
 from lm_eval_spade.config import SPADE_MODEL_ARGS, SpadeArgumentError, SpadeConfig
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
 from lm_eval_spade.exiting import ExitPlan, RowExit, score_rows
+from lm_eval_spade.files import check_output_file
+from lm_eval_spade.finite import NonFiniteError
 from lm_eval_spade.generation import GenerationPlan, RowRecord, generate
 from lm_eval_spade.kv_cache import KVStrategy
 from lm_eval_spade.lens import Lens, LensCheckpointError, LensKind, load_lens
+from lm_eval_spade.lens.targets import start_token_id
+from lm_eval_spade.loading import (
+    check_adapter_path,
+    check_adapter_weights,
+    check_model_path,
+    hub_load_error,
+)
 from lm_eval_spade.model_args import check_model_args
 from lm_eval_spade.sampling import Sampling
+from lm_eval_spade.start_token import cut_after_start, rolling_windows, with_start
 from lm_eval_spade.stats import ExitStats, RequestExit
 
 logger = logging.getLogger(__name__)
@@ -91,6 +102,16 @@ def _by_gen_kwargs(requests: list[Instance]) -> list[list[int]]:
     return list(groups.values())
 
 
+def _is_exit_log(path: Path) -> bool:
+    """Whether `path` is an exit log spade-exit wrote (a JSON line per request)."""
+    with path.open(errors="replace") as f:
+        line = f.readline()
+    try:
+        return "exit_layer" in json.loads(line)
+    except (ValueError, TypeError):
+        return False
+
+
 def _generation_exit(row: RowRecord) -> RequestExit:
     first = row.exit_layers[0] if row.exit_layers else 0
     return RequestExit(
@@ -115,10 +136,21 @@ class SpadeExitLM(HFLM):
     def __init__(self, pretrained: Any = calibration.NAME, **kwargs: Any) -> None:
         if isinstance(pretrained, str):
             pretrained = calibration.resolve_model(pretrained)
+            check_model_path(pretrained, "pretrained=")
+        if kwargs.get("peft"):
+            check_adapter_path(str(kwargs["peft"]), "peft=")
         check_model_args(pretrained, kwargs)
         spade_args = {k: kwargs.pop(k) for k in list(kwargs) if k in SPADE_MODEL_ARGS}
         self.spade = SpadeConfig.from_model_args(**spade_args)
-        super().__init__(pretrained=pretrained, **kwargs)
+        self._model_args = {"pretrained": pretrained, **kwargs}  # for `answer_cache`
+        try:
+            super().__init__(pretrained=pretrained, **kwargs)
+        except OSError as err:
+            if not isinstance(pretrained, str) or Path(pretrained).is_dir():
+                raise
+            raise hub_load_error(pretrained, err) from err
+        if kwargs.get("peft"):
+            check_adapter_weights(self.model, str(kwargs["peft"]))
         self._shard_cpu_processes()
         self.arch: Architecture | None = None
         self.lens: Lens | None = None
@@ -144,6 +176,8 @@ class SpadeExitLM(HFLM):
         #: generate_until: per context string, the exits of the rows generated for it.
         self._generated: dict[str, deque[RequestExit]] = {}
         self._batch_contexts: list[str] = []
+        #: Contexts cut to max_length in the current call.
+        self._truncated: set[str] = set()
 
     def _check_fill_positions(self) -> None:
         """`fill` writes the pair's keys at the token's own slot: with rotary positions
@@ -180,6 +214,29 @@ class SpadeExitLM(HFLM):
         """Whether requests go through HFLM unchanged."""
         return not self.spade.active or self.spade.never_exits
 
+    # --- the start token (start_token.py) -------------------------------------------
+    @property
+    def _keeps_start(self) -> bool:
+        """Whether every input gets a start token at position 0 and keeps it when cut:
+        whenever requests exit early, unless the user turned it off with
+        add_bos_token=False."""
+        return not self._delegates and self.add_bos_token is not False
+
+    @property
+    def start_tokens(self) -> set[int]:
+        """Tokens that count as a start token at position 0: a `prefix_token_id` given in
+        model_args alone (a request that begins otherwise gets it in front, even before a
+        BOS the tokenizer added), else BOS and HFLM's fallback prefix token (EOS)."""
+        if self.custom_prefix_token_id is not None:
+            return {self.custom_prefix_token_id}
+        return {t for t in (self.tokenizer.bos_token_id, self.prefix_token_id) if t is not None}
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        context_enc, continuation_enc = super()._encode_pair(context, continuation)
+        if self._keeps_start:
+            context_enc = with_start(context_enc, self.prefix_token_id, self.start_tokens)
+        return context_enc, continuation_enc
+
     def _full_depth(self) -> int:
         if self.arch is not None:
             return self.arch.num_layers
@@ -215,13 +272,27 @@ class SpadeExitLM(HFLM):
                 f"one that covers them (`lm-eval-spade train-lens --layers ...`), or change "
                 "exit_layer / min_layer / interval."
             )
+        self._check_lens_start_token(lens)
         return lens
+
+    def _check_lens_start_token(self, lens: Lens) -> None:
+        """A lens trained on examples that began with another start token still loads,
+        but its translators saw other states; say so."""
+        settings = lens.config.training.get("settings") or {}
+        trained = start_token_id(self.tokenizer, settings.get("prefix_token_id"))
+        if self._keeps_start and trained != self.prefix_token_id:
+            logger.warning(
+                "the lens at %s was trained with start token %d, but this model starts requests "
+                "with %d; pass prefix_token_id=%d (or train the lens with --prefix-token-id %d).",
+                self.spade.lens, trained, self.prefix_token_id, trained, self.prefix_token_id,
+            )  # fmt: skip
 
     def _start_exit_log(self) -> Path | None:
         if self.spade.exit_log is None:
             return None
         path = Path(self.spade.exit_log)
         if self.rank == 0:
+            check_output_file(path, _is_exit_log, "exit_log=")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("")
         return path
@@ -235,7 +306,35 @@ class SpadeExitLM(HFLM):
     def loglikelihood_rolling(
         self, requests: list[Instance], disable_tqdm: bool = False
     ) -> list[float]:
-        return self._score(super().loglikelihood_rolling, requests, disable_tqdm, rolling=True)
+        score = self._rolling_with_start if self._keeps_start else super().loglikelihood_rolling
+        return self._score(score, requests, disable_tqdm, rolling=True)
+
+    def _rolling_with_start(self, requests: list[Instance], disable_tqdm: bool) -> list[float]:
+        """HFLM's loglikelihood_rolling, with windows that each begin with the start token
+        (`start_token.rolling_windows`; a document that fits gets lm-eval's window)."""
+        windows, counts = [], []
+        for req in requests:
+            own = self._rolling_windows(req.args[0])
+            windows += [(None, ctx, cont) for ctx, cont in own]
+            counts.append(len(own))
+        scores = iter(self._loglikelihood_tokens(windows, disable_tqdm))
+        totals = []
+        for req, count in zip(requests, counts, strict=True):
+            total = sum(next(scores)[0] for _ in range(count))
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+            totals.append(total)
+        return totals
+
+    def _rolling_windows(self, text: str) -> list[tuple[list[int], list[int]]]:
+        tokens = self.tok_encode(text)
+        if self._keeps_start:
+            return rolling_windows(tokens, self.prefix_token_id, self.max_length)
+        return [
+            lm_utils.make_disjoint_window(w)
+            for w in lm_utils.get_rolling_token_windows(
+                tokens, self.prefix_token_id, self.max_length, 1
+            )
+        ]
 
     def _score(
         self,
@@ -245,10 +344,42 @@ class SpadeExitLM(HFLM):
         rolling: bool,
     ) -> list[Any]:
         unique, index = _first_occurrences(requests)
-        self._rolling, self._row_exits = rolling, []
+        self._rolling, self._row_exits, self._truncated = rolling, [], set()
         results = score(unique, disable_tqdm=disable_tqdm)
+        self._check_finite(unique, results)
         self._record(unique, self._request_exits(unique, rolling))
+        self._log_truncation(unique)
         return [results[i] for i in index]
+
+    def _log_truncation(self, requests: list[Instance]) -> None:
+        """One line per task for the requests cut to max_length (not one per request)."""
+        cut: dict[str, int] = {}
+        for req in requests:
+            if req.args[0] in self._truncated:
+                cut[req.task_name or "unknown"] = cut.get(req.task_name or "unknown", 0) + 1
+        for task, count in sorted(cut.items()):
+            total = sum(1 for req in requests if (req.task_name or "unknown") == task)
+            logger.warning(
+                "%s: %d of %d requests exceed max_length=%d; their oldest context tokens were "
+                "cut%s. Raise max_length (if the model takes longer inputs) to keep them.",
+                task,
+                count,
+                total,
+                self.max_length,
+                ", after the start token" if self._keeps_start else "",
+            )
+
+    def _check_finite(self, requests: list[Instance], results: list[Any]) -> None:
+        """A NaN or infinite score is an error, never a metric."""
+        for req, answer in zip(requests, results, strict=True):
+            value = answer[0] if isinstance(answer, tuple) else answer
+            if isinstance(value, float) and not math.isfinite(value):
+                raise NonFiniteError(
+                    f"spade-exit scored doc {req.doc_id} of task {req.task_name} as {value}, "
+                    "not a finite number, so no metric is computed from it. Likely cause: "
+                    "the model or lens overflows (try dtype=float32) or holds non-finite "
+                    "weights."
+                )
 
     def _request_exits(self, requests: list[Instance], rolling: bool) -> list[RequestExit]:
         """One exit per request, from the exits of the forwards that served it."""
@@ -276,20 +407,15 @@ class SpadeExitLM(HFLM):
         return merged
 
     def _window_count(self, text: str) -> int:
-        """How many windows `HFLM.loglikelihood_rolling` makes of `text`."""
-        windows = lm_utils.get_rolling_token_windows(
-            token_list=self.tok_encode(text),
-            prefix_token=self.prefix_token_id,
-            max_seq_len=self.max_length,
-            context_len=1,
-        )
-        return sum(1 for _ in windows)
+        """How many windows `loglikelihood_rolling` makes of `text`."""
+        return len(self._rolling_windows(text))
 
     def _record(self, requests: list[Instance], exits: list[RequestExit]) -> None:
         local = [
             {"task": req.task_name, "doc_id": req.doc_id, "idx": req.idx, **exit.to_dict()}
             for req, exit in zip(requests, exits, strict=True)
         ]
+        answer_cache.store_exits(self.cache_hook.dbdict, requests, [e.to_dict() for e in exits])
         if self.world_size > 1 and torch.distributed.is_initialized():
             parts: list[Any] = [None] * self.world_size
             torch.distributed.all_gather_object(parts, local)
@@ -397,17 +523,15 @@ class SpadeExitLM(HFLM):
 
     def _chunk_inputs(self, chunk: Sequence[TokenRequest]) -> tuple[list[torch.Tensor], list[int]]:
         """Each request's model input (context + continuation, minus the last token, cut
-        to max_length from the left as HFLM does) and its continuation length."""
+        to max_length from the left as HFLM does, but after the start token when exiting
+        early) and its continuation length."""
         inputs, cont_lens = [], []
-        for _, context_enc, continuation_enc in chunk:
-            tokens = (context_enc + continuation_enc)[-(self.max_length + 1) :][:-1]
-            if len(context_enc) + len(continuation_enc) > self.max_length + 1:
-                logger.warning(
-                    "context + continuation (%d tokens) exceed max_length %d; truncating "
-                    "from the left as HFLM does.",
-                    len(context_enc) + len(continuation_enc),
-                    self.max_length,
-                )
+        starts = self.start_tokens if self._keeps_start else ()
+        for request_str, context_enc, continuation_enc in chunk:
+            whole = context_enc + continuation_enc
+            if len(whole) > self.max_length + 1 and request_str is not None:
+                self._truncated.add(request_str[0])  # the context: grouped requests share it
+            tokens = cut_after_start(whole, self.max_length + 1, starts)[:-1]
             inputs.append(torch.tensor(tokens, dtype=torch.long, device=self.device))
             cont_lens.append(len(continuation_enc))
         return inputs, cont_lens
@@ -454,16 +578,16 @@ class SpadeExitLM(HFLM):
         `first` is each row's first real token."""
         if not decoder.needs_start_token:
             return
-        starts = {t for t in (self.tokenizer.bos_token_id, self.prefix_token_id) if t is not None}
+        starts = self.start_tokens
         bad = [t for t in first if t not in starts]
         if bad:
+            # spade-exit puts a start token first unless add_bos_token=False.
             raise SpadeArgumentError(
                 f"decoder={decoder.value} needs a start token at position 0, but a request "
                 f"starts with token {bad[0]} ({self.tokenizer.decode([bad[0]])!r}) instead of "
-                f"{sorted(starts)}. Add add_bos_token=True to --model_args so the tokenizer "
-                "prepends one (documents longer than max_length are split into windows "
-                f"without one: raise max_length above {self.max_length}), or use "
-                "decoder=spade_nos, which needs no start token."
+                f"{sorted(starts)}, because add_bos_token=False keeps spade-exit from putting "
+                "one there. Drop add_bos_token=False, or use decoder=spade_nos, which needs no "
+                "start token."
             )
 
     # --- generation ----------------------------------------------------------------------
@@ -473,6 +597,7 @@ class SpadeExitLM(HFLM):
         if self._delegates:
             return super().generate_until(requests, disable_tqdm)
         unique, index = _first_occurrences(requests)
+        self._truncated = set()
         texts: list[str] = [""] * len(unique)
         exits: list[RequestExit] = [RequestExit(0)] * len(unique)
         for group in _by_gen_kwargs(unique):
@@ -482,11 +607,37 @@ class SpadeExitLM(HFLM):
                 texts[i] = text
                 exits[i] = self._generated[unique[i].args[0]].popleft()
         self._record(unique, exits)
+        self._log_truncation(unique)
         return [texts[i] for i in index]
 
-    def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any):
+    def tok_batch_encode(
+        self,
+        strings: list[str],
+        padding_side: str = "left",
+        left_truncate_len: int | None = None,
+        truncation: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """HFLM's batch encoding for generation; when exiting early, every row starts with
+        the start token and keeps it when cut to `left_truncate_len`."""
         self._batch_contexts = list(strings)  # the rows of the next `_model_generate`
-        return super().tok_batch_encode(strings, *args, **kwargs)
+        if not self._keeps_start:
+            return super().tok_batch_encode(strings, padding_side, left_truncate_len, truncation)
+        ids, mask = super().tok_batch_encode(strings, padding_side, None, truncation)
+        rows = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+        rows = [with_start(row, self.prefix_token_id, self.start_tokens) for row in rows]
+        if left_truncate_len:
+            cut = [cut_after_start(row, left_truncate_len, self.start_tokens) for row in rows]
+            self._truncated.update(s for s, a, b in zip(strings, rows, cut, strict=True) if a != b)
+            rows = cut
+        pad = self.tokenizer.pad_token_id
+        width = max(len(row) for row in rows)
+        out = torch.full((len(rows), width), pad if pad is not None else 0, dtype=ids.dtype)
+        out_mask = torch.zeros((len(rows), width), dtype=mask.dtype)
+        for r, row in enumerate(rows):
+            span = slice(width - len(row), width) if padding_side == "left" else slice(len(row))
+            out[r, span] = torch.tensor(row, dtype=ids.dtype)
+            out_mask[r, span] = 1
+        return out, out_mask
 
     def _model_generate(
         self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
@@ -521,6 +672,28 @@ class SpadeExitLM(HFLM):
         for text, row in zip(self._batch_contexts, result.rows, strict=True):
             self._generated.setdefault(text, deque()).append(_generation_exit(row))
         return result.tokens
+
+    # --- lm_eval --use_cache (answer_cache) ---------------------------------------------
+    def answer_cache_identity(self) -> str:
+        """What `--use_cache` keys this LM's cache file by (`answer_cache.identity`)."""
+        return answer_cache.identity(self, self._model_args)
+
+    def restore_cached_exits(self, requests: list[Instance], dbdict: Any) -> None:
+        """Record the exits of requests answered from the cache, as stored with them."""
+        unique, _ = _first_occurrences(requests)
+        found = [
+            (req, RequestExit(**record))
+            for req, record in zip(unique, answer_cache.stored_exits(dbdict, unique), strict=True)
+            if record is not None
+        ]
+        if len(found) < len(unique):
+            logger.warning(
+                "%d answers from the cache have no exit record; config.spade.tasks counts the "
+                "other %d requests only",
+                len(unique) - len(found),
+                len(found),
+            )
+        self._record([req for req, _ in found], [exit for _, exit in found])
 
     # --- what ran, for the results JSON ------------------------------------------------
     def get_model_info(self) -> dict:

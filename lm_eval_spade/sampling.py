@@ -41,6 +41,8 @@ def _number(key: str, value: Any) -> float:
         number = math.nan
     if isinstance(value, bool) or math.isnan(number):
         raise GenerationSettingsError(f"{key}={value!r} must be a number; {_FIX}.")
+    if math.isinf(number):  # temperature=inf samples uniformly: garbage, never meant
+        raise GenerationSettingsError(f"{key}={value!r} must be a finite number; {_FIX}.")
     return number
 
 

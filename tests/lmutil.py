@@ -157,6 +157,25 @@ def write_arc_letter_task(root: Path, name: str = "arc_easy_letters_test") -> st
     return name
 
 
+#: A generate_until task over a JSON-lines file of {"prompt", "ending"} documents.
+GENERATION_YAML = """\
+task: story_generation_test
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{ending}}}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 20
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
 SENTENCES = [  # the story sentences of ../shared/models/SOURCES.md
     "Once upon a time, there was a little girl named Lily. She loved to play with her toys "
     "in the garden.",

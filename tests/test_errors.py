@@ -81,13 +81,14 @@ def test_unsupported_family(tmp_path):
     make_lm("spade-exit", path)
 
 
-def test_spade_without_start_token_says_how_to_add_one():
+def test_spade_without_start_token_names_add_bos_token_false():
     lm = make_lm("spade-exit", STORIES, exit_layer=2, add_bos_token=False)
     request = Instance("loglikelihood", {}, ("Once upon a time", " there"), 0, metadata=("t", 0, 1))
     with pytest.raises(SpadeArgumentError) as excinfo:
         lm.loglikelihood([request], disable_tqdm=True)
     message = _message(excinfo)
-    assert "needs a start token at position 0" in message and "add_bos_token=True" in message
+    assert "needs a start token at position 0" in message
+    assert "Drop add_bos_token=False" in message and "decoder=spade_nos" in message
     # SPADE-NoS and logit lens need no start token.
     for decoder in ("spade_nos", "logit_lens"):
         lm = make_lm("spade-exit", STORIES, exit_layer=2, add_bos_token=False, decoder=decoder)

@@ -142,5 +142,6 @@ def test_finetune_command(tmp_path):
     )  # fmt: skip
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == (
-        "lm-eval-spade finetune: error: rank=0 must be at least 1."
+        "lm-eval-spade finetune: error: argument --rank: 0 is not valid: it must be a whole "
+        "number >= 1"
     )

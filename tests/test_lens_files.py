@@ -13,6 +13,7 @@ from lmutil import SENTENCES, STORIES, TINY_CONFIGS, make_lm, rolling_requests, 
 
 from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.config import SpadeArgumentError
+from lm_eval_spade.files import MARKER, OutputError
 from lm_eval_spade.lens import (
     Lens,
     LensCheckpointError,
@@ -22,6 +23,7 @@ from lm_eval_spade.lens import (
     read_lens,
     save_lens,
 )
+from lm_eval_spade.lens.head_identity import tuned_lens_unembed_hash
 from lm_eval_spade.lens.training import LensTrainConfig, train_lens
 
 
@@ -79,10 +81,13 @@ def test_save_then_load_is_bit_for_bit(stories, trained_dir, tmp_path):
     assert first == second
 
 
-def test_overwriting_a_lens_replaces_it_whole(trained_dir, tmp_path):
+def test_overwriting_a_lens_needs_overwrite_and_replaces_it_whole(trained_dir, tmp_path):
     target = tmp_path / "lens"
     save_lens(Lens.untrained(_arch(), LensKind.LSPADE, layers=[1]), target)
-    save_lens(read_lens(trained_dir), target)
+    with pytest.raises(OutputError, match="add --overwrite"):
+        save_lens(read_lens(trained_dir), target)
+    assert read_lens(target).layers == [1]
+    save_lens(read_lens(trained_dir), target, overwrite=True)
     assert read_lens(target).layers == [0, 1, 2, 3, 4]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lens"]  # no temporary left over
 
@@ -129,14 +134,16 @@ def _damage(src: Path, dst: Path, how: str) -> Path:
         weights.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
     elif how == "truncated, no checksum":
         weights.write_bytes(data[: len(data) // 2])
-        config.write_text(json.dumps({**json.loads(config.read_text()), "weights_sha256": ""}))
+        settings = json.loads(config.read_text())
+        del settings["weights_sha256"]
+        config.write_text(json.dumps(settings))
     elif how == "missing weights":
         weights.unlink()
     elif how == "config not json":
         config.write_text(config.read_text()[:40])
     elif how == "config lists another layer":
         settings = json.loads(config.read_text())
-        config.write_text(json.dumps({**settings, "weights_sha256": "", "layers": [0, 1, 7]}))
+        config.write_text(json.dumps({**settings, "layers": [0, 1, 3]}))
     return dst
 
 
@@ -145,7 +152,7 @@ def _damage(src: Path, dst: Path, how: str) -> Path:
     [
         ("truncated", "truncated or corrupt"),
         ("flipped byte", "truncated or corrupt"),
-        ("truncated, no checksum", "cannot be read"),
+        ("truncated, no checksum", r"lacks \['weights_sha256'\]"),
         ("missing weights", "is missing"),
         ("config not json", "not valid JSON"),
         ("config lists another layer", "do not match the config"),
@@ -165,7 +172,7 @@ def test_missing_lens_directory(tmp_path):
 # --- tuned-lens's format -----------------------------------------------------------------
 def test_export_writes_tuned_lens_layout_and_reads_back_exactly(trained_dir, tmp_path):
     out = export_tuned_lens(read_lens(trained_dir), tmp_path / "tl")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json", "params.pt"]
     config = json.loads((out / "config.json").read_text())
     assert set(config) == {
         "base_model_name_or_path", "d_model", "num_hidden_layers", "bias",
@@ -188,7 +195,10 @@ def test_export_writes_tuned_lens_layout_and_reads_back_exactly(trained_dir, tmp
 def _write_tuned_lens(path: Path, state: dict, **config) -> Path:
     path.mkdir()
     torch.save(state, path / "params.pt")
-    settings = {"base_model_name_or_path": "x", "d_model": 64, "num_hidden_layers": 5, **config}
+    settings = {
+        "base_model_name_or_path": "x", "d_model": 64, "num_hidden_layers": 5,
+        "unembed_hash": tuned_lens_unembed_hash(_arch()), **config,
+    }  # fmt: skip
     (path / "config.json").write_text(json.dumps(settings))
     return path
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lmutil import DATA, STORIES
+from lmutil import DATA, GENERATION_YAML, STORIES
 
 TASK_YAML = """\
 task: arc_easy_local_test
@@ -26,24 +26,6 @@ metric_list:
   - metric: acc
 """
 
-
-GENERATION_YAML = """\
-task: story_generation_test
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: generate_until
-test_split: test
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{ending}}}}"
-generation_kwargs:
-  until: ["."]
-  max_gen_toks: 20
-  do_sample: false
-metric_list:
-  - metric: exact_match
-"""
 
 STORY_DOCS = [  # story openings and how ../shared/models/SOURCES.md's sentences go on
     ("Once upon a time, there was a little girl named Lily. She loved to", " play"),

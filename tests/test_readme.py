@@ -20,8 +20,8 @@ import sys
 from dataclasses import dataclass, field
 
 import pytest
-from lmutil import DATA, REPO, SHARED, STORIES
-from test_lm_eval_cli import GENERATION_YAML, STORY_DOCS
+from lmutil import DATA, GENERATION_YAML, REPO, SHARED, STORIES
+from test_lm_eval_cli import STORY_DOCS
 
 from lm_eval_spade.tasks import offline
 

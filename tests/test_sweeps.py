@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import lm_eval
 import matplotlib.image
 import pytest
-from lmutil import DATA, STORIES
+from lmutil import DATA, REPO, STORIES
 
 from lm_eval_spade.cli import main
 from lm_eval_spade.lens.jobs import DataSpec, train_and_save
@@ -240,3 +241,52 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert "must be TASK=DIR" in _error(
         "sweep", "transfer", *common, "--thresholds", "1", "--lens", "nodir"
     )
+
+
+def test_leaderboard_ranks_settings_over_tasks_with_speedups(tmp_path):
+    """From the committed calibration sweep: one row per setting, a column per task, the
+    full model first, SPADE-EXIT's points with their compute fraction; a measured timing
+    becomes the speedup column."""
+    from lm_eval_spade.sweeps.report import leaderboard, load_results
+
+    source = REPO / "results" / "sweeps" / "thresholds-calibration"
+    timed = tmp_path / "timed"
+    shutil.copytree(source / "results", timed)
+    point = timed / "SPADE-EXIT_T0.05.json"
+    data = json.loads(point.read_text())
+    data["timing"] = {"seconds": 2.0, "hf_seconds": 3.0}
+    point.write_text(json.dumps(data))
+    board = leaderboard(load_results([timed]))
+    (full,) = board[board["rule"] == "full model"].to_dict("records")
+    assert full["point"] == "full depth" and full["compute fraction"] == 1.0
+    assert full["spade_calibration"] == pytest.approx(0.9567, abs=1e-4)
+    # Ties on the average go to the cheaper setting: an exit that loses nothing ranks first.
+    top = board.iloc[0]
+    assert top["average"] == pytest.approx(full["average"]) and top["compute fraction"] < 1
+    assert len(board) == len(board[["model", "rule", "point"]].drop_duplicates())
+    exit_row = board[(board["rule"] == "SPADE-EXIT") & (board["point"] == "threshold 0.05")]
+    (row,) = exit_row.to_dict("records")
+    assert row["spade_calibration"] == pytest.approx(0.91)
+    assert row["compute fraction"] == pytest.approx(0.97976, abs=1e-4)
+    assert row["speedup vs hf"] == pytest.approx(1.5)
+    averages = board["average"].dropna().tolist()
+    assert averages == sorted(averages, reverse=True)
+
+
+def test_a_rerun_replaces_the_earlier_sweep_whole_and_only_when_asked(
+    threshold_sweep, lens, tmp_path
+):
+    earlier = tmp_path / "sweep"
+    shutil.copytree(threshold_sweep[0], earlier)
+    before = {p.stem for p in (earlier / "results").glob("*.json")}
+    rerun = [
+        "sweep", "thresholds", "--model", str(STORIES), "--tasks", ARC, "--limit", "2",
+        "--out", str(earlier), "--lens", str(lens), "--thresholds", "0.5", "--no-baselines",
+    ]  # fmt: skip
+    assert "add --overwrite" in _error(*rerun)
+    assert {p.stem for p in (earlier / "results").glob("*.json")} == before
+    run_cli(*rerun, "--overwrite")
+    after = {p.stem for p in (earlier / "results").glob("*.json")}
+    assert after == {"SPADE-EXIT_T0.5", *(f"static-exit-SPADE-_L{k}" for k in range(6))}
+    assert json.loads((earlier / "sweep.json").read_text())["thresholds"] == [0.5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]

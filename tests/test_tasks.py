@@ -147,7 +147,7 @@ def test_unset_setting_leaves_the_hub(monkeypatch):
         (lambda root: root / "nope", "is not a directory"),
         (lambda root: root, "ARC-Easy-Train.jsonl is missing"),
         (lambda root: _with(root, "arc/ARC-Easy/ARC-Easy-Train.jsonl", '{"id": 1}\n'),
-         "lacks \\['id', 'question', 'answerKey'\\]"),
+         "record 1 lacks \\['question', 'answerKey'\\]"),
         (lambda root: _with(root, "arc/ARC-Easy/ARC-Easy-Train.jsonl", "{oops\n"),
          "ARC-Easy-Train.jsonl:1 is not JSON"),
     ],
@@ -168,6 +168,55 @@ def test_bad_boolq_and_headqa_files(tmp_path, monkeypatch):
         _with(tmp_path, f"headqa/HEAD_EN/{split}_HEAD_EN.json", "[1, 2]")
     with pytest.raises(offline.OfflineDataError, match="is not HEAD-QA's release JSON"):
         offline.local_dataset("EleutherAI/headqa", "en")
+
+
+def _headqa_with(root: Path, edit) -> Path:
+    """The English HEAD-QA release with the first question of the dev file edited."""
+    for split in ("train", "dev", "test"):
+        data = json.loads((DATA / "headqa" / "HEAD_EN" / f"{split}_HEAD_EN.json").read_text())
+        if split == "dev":
+            edit(next(iter(data["exams"].values()))["data"][0])
+        _with(root, f"headqa/HEAD_EN/{split}_HEAD_EN.json", json.dumps(data))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        (lambda q: q.update(ra="9"), "right answer ra='9', which is not among its answers' aid"),
+        (lambda q: q.update(qid="x"), "has an id that is not a number"),
+        (lambda q: q["answers"][0].pop("atext"), r"an answer of question .* lacks \['atext'\]"),
+        (lambda q: q.pop("ra"), r"lacks \['ra'\]"),
+    ],
+)
+def test_damaged_headqa_questions_are_refused(tmp_path, monkeypatch, edit, words):
+    monkeypatch.setenv(offline.ENV, str(_headqa_with(tmp_path, edit)))
+    with pytest.raises(offline.OfflineDataError, match=words):
+        offline.local_dataset("EleutherAI/headqa", "en")
+
+
+def test_the_release_checksums_are_those_of_the_shared_files(monkeypatch, caplog):
+    import hashlib
+
+    for relative, (digest, _) in offline.RELEASE.items():
+        assert hashlib.sha256((DATA / relative).read_bytes()).hexdigest() == digest, relative
+    monkeypatch.setenv(offline.ENV, str(DATA))
+    offline.local_dataset("allenai/ai2_arc", "ARC-Challenge")
+    assert "differs from its release" not in caplog.text
+
+
+def test_a_file_that_differs_from_its_release_is_warned_about_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(offline.ENV, str(tmp_path))
+    for name in ("Train", "Dev", "Test"):
+        lines = (DATA / "arc" / "ARC-Easy" / f"ARC-Easy-{name}.jsonl").read_text().splitlines()
+        kept = lines[:-3] if name == "Dev" else lines  # cut at a line boundary
+        _with(tmp_path, f"arc/ARC-Easy/ARC-Easy-{name}.jsonl", "\n".join(kept) + "\n")
+    dev = offline.local_dataset("allenai/ai2_arc", "ARC-Easy")["validation"]
+    offline.local_dataset("allenai/ai2_arc", "ARC-Easy")
+    warnings = [r.getMessage() for r in caplog.records if "differs from its release" in r.message]
+    assert len(warnings) == 1 and len(dev) == 567
+    assert "ARC-Easy-Dev.jsonl differs" in warnings[0]
+    assert "it holds 567 records where the release has 570" in warnings[0]
 
 
 def test_spanish_headqa_reads_the_release_head_folder(tmp_path, monkeypatch):

@@ -8,14 +8,16 @@ usage error (`lm_eval: error: ...`, exit status 2).
 This is an exception hook (`sys.excepthook`), not a wrapper around lm-eval's code: an
 exception that is not ours reaches the previous hook untouched, and its traceback holds no
 frame of this package, so a bug report about lm-eval (say, under `--model hf`) does not
-point here.
+point here. `guarded` does the same for code that runs part of the command in-process.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, TracebackType
+from typing import Any, NoReturn
 
 from lm_eval_spade.errors import UserInputError
 
@@ -24,6 +26,28 @@ def _program() -> str:
     """The command as the user typed it: `lm_eval`, `lm-eval`, or `python -m lm_eval`."""
     name = Path(sys.argv[0]).name
     return "python -m lm_eval" if name == "__main__.py" else name
+
+
+def close_progress_bars() -> None:
+    """End any progress bar an error interrupted, so the error starts its own line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _exit_with(error: UserInputError) -> NoReturn:
+    close_progress_bars()
+    print(f"{_program()}: error: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def guarded(run: Callable[[], Any]) -> Any:
+    """`run()`, with this package's input errors turned into one line and status 2."""
+    try:
+        return run()
+    except UserInputError as err:
+        _exit_with(err)
 
 
 def install(_harness: ModuleType) -> None:
@@ -36,8 +60,7 @@ def install(_harness: ModuleType) -> None:
         kind: type[BaseException], error: BaseException, traceback: TracebackType | None
     ) -> None:
         if isinstance(error, UserInputError):
-            print(f"{_program()}: error: {error}", file=sys.stderr)
-            raise SystemExit(2)
+            _exit_with(error)
         previous(kind, error, traceback)
 
     excepthook._spade_errors = True  # type: ignore[attr-defined]

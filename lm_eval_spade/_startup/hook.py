@@ -4,7 +4,7 @@ lm-eval without a wrapper script.
 lm-eval 0.4.13 has no plugin discovery for models or task folders, and `get_model`
 imports its built-in models only while its registry is empty. The wheel installs
 `lm_eval_spade.pth` into site-packages, which imports this module at interpreter start.
-It imports nothing heavy: it adds a finder that waits for three lm-eval modules and,
+It imports nothing heavy: it adds a finder that waits for some lm-eval modules and,
 once each has run, applies this package's addition to it:
 
 - `lm_eval.api.registry`: register `spade-exit` lazily (the model module, and so torch,
@@ -17,7 +17,9 @@ once each has run, applies this package's addition to it:
   command with one line (`lm_eval_spade._startup.cli_errors`), and its log lines take
   lm-eval's format and level (`lm_eval_spade.logs`);
 - `lm_eval.utils`: `make_table` follows spade-exit's results table with its exit table
-  (`lm_eval_spade._startup.lm_eval_output`).
+  (`lm_eval_spade._startup.lm_eval_output`);
+- `lm_eval.api.model`: `--use_cache` keeps spade-exit's answers apart per setting, with
+  their exits (`lm_eval_spade.answer_cache`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ AFTER_LOAD = {
         "lm_eval_spade.logs:attach_to_lm_eval",
     ),
     "lm_eval.utils": ("lm_eval_spade._startup.lm_eval_output:install_exit_table",),
+    "lm_eval.api.model": ("lm_eval_spade.answer_cache:install",),
 }
 
 

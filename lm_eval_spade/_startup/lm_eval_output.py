@@ -50,6 +50,7 @@ def _with_exits_in_samples(original: Any) -> Any:
         results = original(*args, **kwargs)
         arguments = signature.bind(*args, **kwargs).arguments
         lm = arguments.get("lm")
+        lm = getattr(lm, "lm", lm)  # the model inside lm-eval's CachingLM (--use_cache)
         if results is None or not isinstance(lm, SpadeExitLM):  # another rank or model
             return results
         tasks = {task: stats.to_dict() for task, stats in sorted(lm.exit_stats.items())}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from lm_eval_spade.calibration.task import (
 )
 from lm_eval_spade.calibration.tokenizer import word_level_tokenizer
 from lm_eval_spade.errors import UserInputError
+from lm_eval_spade.finite import check_training_step, is_rate, optimiser_step
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +64,10 @@ class CalibrationConfig:
             raise UserInputError(
                 f"hidden_size={self.hidden_size} is not a multiple of heads={self.heads}."
             )
-        if not self.lr > 0 or self.sum_weight < 0:
-            raise UserInputError("lr must be positive and sum_weight non-negative.")
+        if not is_rate(self.lr):
+            raise UserInputError(f"lr={self.lr} must be a positive finite number (at most 3.4e38).")
+        if not (self.sum_weight >= 0 and math.isfinite(self.sum_weight)):
+            raise UserInputError(f"sum_weight={self.sum_weight} must be a finite number >= 0.")
 
     def model_config(self, tokenizer: T.PreTrainedTokenizerFast) -> T.LlamaConfig:
         return T.LlamaConfig(
@@ -140,7 +144,7 @@ def train_calibration_model(
     start = time.perf_counter()
     model.train()
     bar = tqdm(range(config.steps), desc="train calibration model", disable=not progress)
-    for _ in bar:
+    for step in bar:
         batch = _batch(list(itertools.islice(stream, config.batch_size)), tokenizer)
         answer_logits, sum_logits = _losses(model, batch)
         loss = F.cross_entropy(answer_logits, batch.answer)
@@ -148,8 +152,12 @@ def train_calibration_model(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        with optimiser_step(step + 1, config.steps, config.lr):
+            optimizer.step()
         schedule.step()
+        check_training_step(
+            step + 1, config.steps, loss.item(), model.named_parameters(), config.lr
+        )
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     info = {

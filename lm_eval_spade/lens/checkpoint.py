@@ -1,10 +1,14 @@
 """Lens checkpoints: a directory with `config.json` and `translators.safetensors`.
 
-Writing is atomic (a temporary directory beside the target, renamed into place), so a
-crash never leaves a half-written lens behind. Reading checks, before any weight is
-used: the format, the weights file against the SHA-256 recorded in the config, the
-tensor names and shapes, and the checkpoint against the model it is loaded for (layer
-count, hidden size, vocabulary, and the final norm + head, see `head_identity`).
+Writing is atomic (`files.staged_output`: a folder beside the target, renamed into
+place), so a crash never leaves a half-written lens behind, and an existing folder is
+replaced only when it is a lens and `overwrite` is given. Non-finite weights are never
+written. Reading refuses, before any weight is used: a config with any field missing or
+of the wrong type or range (`validate_config`: the integrity fields `weights_sha256` and
+`head_hash` included), a weights file that differs from its recorded SHA-256, tensor
+names or shapes that differ from the config, non-finite weights, and a checkpoint made
+for another model (layer count, hidden size, vocabulary, and the final norm + head, see
+`head_identity`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import math
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +31,8 @@ from torch import nn
 from lm_eval_spade import __version__
 from lm_eval_spade.architectures import Architecture
 from lm_eval_spade.errors import UserInputError
-from lm_eval_spade.files import write_atomically
+from lm_eval_spade.files import LENS, write_atomically
+from lm_eval_spade.finite import NonFiniteError, check_finite
 from lm_eval_spade.lens.head_identity import (
     fingerprints_match,
     head_fingerprint,
@@ -94,14 +102,96 @@ class LensConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: Path) -> LensConfig:
-        required = {
-            f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
-        }
-        missing = sorted(required - data.keys())
-        if missing:
-            raise LensCheckpointError(f"{source} lacks {missing}: not a complete lens config.")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The config of one of our checkpoints, every field checked (`validate_config`)."""
+        validate_config(data, source)
+        return cls(**data)
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+#: Fields a config may lack (older files, optional records); every other one is required.
+_OPTIONAL = {"tuned_lens_unembed_hash", "base_model_revision", "training", "package_version"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _field_problems(data: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """`(field, what it must be)` for each field whose value is wrong."""
+    kinds = [k.value for k in LensKind]
+    num_layers = data.get("num_layers")
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "kind": (lambda v: v in kinds, f"one of {', '.join(kinds)}"),
+        "base_model_name_or_path": (lambda v: isinstance(v, str), "a string"),
+        "model_type": (lambda v: isinstance(v, str), "a string"),
+        "num_layers": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "hidden_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "vocab_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "layers": (
+            lambda v: (
+                isinstance(v, list)
+                and bool(v)
+                and all(_is_int(x) for x in v)
+                and v == sorted(set(v))
+                and v[0] >= 0
+                and (not _is_int(num_layers) or v[-1] < num_layers)
+            ),
+            "a non-empty ascending list of distinct layers in 0..num_layers-1",
+        ),
+        "head_hash": (lambda v: isinstance(v, str) and bool(_HEX64.match(v)), "a SHA-256 hex"),
+        "head_fingerprint": (
+            lambda v: isinstance(v, list) and bool(v) and all(_is_number(x) for x in v),
+            "a non-empty list of finite numbers",
+        ),
+        "tuned_lens_unembed_hash": (
+            lambda v: v is None or (isinstance(v, str) and bool(_HEX64.match(v))),
+            "null or a SHA-256 hex",
+        ),
+        "bias": (lambda v: isinstance(v, bool), "true or false"),
+        "base_model_revision": (lambda v: v is None or isinstance(v, str), "null or a string"),
+        "training": (lambda v: isinstance(v, dict), "a JSON object"),
+        "package_version": (lambda v: isinstance(v, str), "a string"),
+        "weights_sha256": (lambda v: isinstance(v, str) and bool(_HEX64.match(v)), "a SHA-256 hex"),
+    }
+    for name, (ok, expected) in checks.items():
+        if name in data and not ok(data[name]):
+            yield name, expected
+
+
+def validate_config(data: dict[str, Any], source: Path) -> None:
+    """Refuse a lens config with any field missing, unknown, or of the wrong type or range.
+
+    Integrity fields are required: a config without `weights_sha256` or `head_hash` is
+    refused, not loaded on trust, so that editing the config cannot turn the checks off.
+    """
+    damaged = "the config was edited or damaged: copy the lens again or retrain it."
+    fmt, version = data.get("format"), data.get("format_version")
+    if fmt != FORMAT or not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        newer = fmt == FORMAT and _is_int(version) and version > FORMAT_VERSION
+        raise LensCheckpointError(
+            f"{source}: format {fmt!r} version {version!r} is not one this version "
+            f"({__version__}) reads ({FORMAT}, versions 1..{FORMAT_VERSION}); "
+            + ("upgrade lm-eval-spade." if newer else damaged)
+        )
+    names = {f.name for f in fields(LensConfig)}
+    missing = sorted(names - _OPTIONAL - data.keys())
+    if missing:
+        raise LensCheckpointError(
+            f"{source} lacks {missing}: not a complete lens config; {damaged}"
+        )
+    unknown = sorted(data.keys() - names)
+    if unknown:
+        raise LensCheckpointError(
+            f"{source} has fields {unknown} that format version {version} does not have; {damaged}"
+        )
+    for name, expected in _field_problems(data):
+        shown = repr(data[name])
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise LensCheckpointError(f"{source}: {name} is {shown}, but must be {expected}; {damaged}")
 
 
 class Lens(nn.Module):
@@ -156,16 +246,27 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_lens(lens: Lens, path: str | Path) -> Path:
-    """Write `lens` to the directory `path` (created or replaced atomically)."""
+def is_lens_dir(path: Path) -> bool:
+    """A lens folder written by an earlier version (before output markers)."""
+    try:
+        return json.loads((path / CONFIG_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save_lens(lens: Lens, path: str | Path, overwrite: bool = False) -> Path:
+    """Write `lens` to the folder `path`, atomically; an existing lens there is replaced
+    only with `overwrite`, and anything else is refused (`files.check_output`)."""
+    tensors = lens.state_tensors()
+    check_finite(tensors, f"the {lens.kind.value} lens for {path}", "it was not saved.")
 
     def write(tmp: Path) -> None:
-        save_file(lens.state_tensors(), tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         lens.config.weights_sha256 = _sha256(tmp / WEIGHTS_FILE)
         lens.config.layers = lens.layers
         (tmp / CONFIG_FILE).write_text(json.dumps(asdict(lens.config), indent=2) + "\n")
 
-    return write_atomically(Path(path), write)
+    return write_atomically(Path(path), write, LENS, overwrite, is_lens_dir)
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -188,7 +289,7 @@ def _read_weights(path: Path, config: LensConfig) -> dict[str, torch.Tensor]:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise LensCheckpointError(f"{weights} is missing; the lens directory is incomplete.")
-    if config.weights_sha256 and _sha256(weights) != config.weights_sha256:
+    if _sha256(weights) != config.weights_sha256:
         raise LensCheckpointError(
             f"{weights} does not match the SHA-256 recorded in {CONFIG_FILE}: the file is "
             "truncated or corrupt. Copy it again or retrain the lens."
@@ -215,6 +316,10 @@ def translators_from_tensors(
             f"{hidden_size}): missing {missing[:4]}, unexpected {extra[:4]}, wrong shape "
             f"{[(k, found[k]) for k in shapes[:4]]}."
         )
+    try:
+        check_finite(tensors, f"{source}", "the lens is damaged: copy it again or retrain it.")
+    except NonFiniteError as err:
+        raise LensCheckpointError(str(err)) from err
     translators.maps.load_state_dict({k: v.float() for k, v in tensors.items()})
     return translators
 
@@ -236,17 +341,12 @@ def check_lens_fits(config: LensConfig, arch: Architecture, source: Path) -> Non
             )
     if config.head_hash:
         _check_head(config, arch, source, model)
-    elif config.tuned_lens_unembed_hash:
-        if config.tuned_lens_unembed_hash != tuned_lens_unembed_hash(arch):
-            raise LensCheckpointError(
-                f"the tuned lens at {source} was trained on another LM head than {model}'s "
-                "(its unembed_hash differs). Load the lens made for this model, or train "
-                "one with `lm-eval-spade train-lens --kind tuned_lens`."
-            )
-    else:
-        logger.warning(
-            "lens %s records no head hash; only its shapes were checked against the model",
-            source,
+    elif config.tuned_lens_unembed_hash != tuned_lens_unembed_hash(arch):
+        # Reading refused configs without either hash, so this is a tuned-lens checkpoint.
+        raise LensCheckpointError(
+            f"the tuned lens at {source} was trained on another LM head than {model}'s "
+            "(its unembed_hash differs). Load the lens made for this model, or train "
+            "one with `lm-eval-spade train-lens --kind tuned_lens`."
         )
 
 
@@ -267,14 +367,6 @@ def read_native(path: Path) -> Lens:
     """Read and verify one of our checkpoints (not yet checked against a model)."""
     data = read_json(path / CONFIG_FILE)
     config = LensConfig.from_dict(data, path / CONFIG_FILE)
-    if config.format != FORMAT or config.format_version > FORMAT_VERSION:
-        raise LensCheckpointError(
-            f"{path}: format {config.format!r} version {config.format_version} is not one "
-            f"this version ({__version__}) reads ({FORMAT} <= {FORMAT_VERSION}); upgrade "
-            "lm-eval-spade."
-        )
-    if config.kind not in {k.value for k in LensKind}:
-        raise LensCheckpointError(f"{path}: unknown lens kind {config.kind!r}.")
     tensors = _read_weights(path, config)
     stripped = {k.removeprefix("layers."): v for k, v in tensors.items()}
     translators = translators_from_tensors(

@@ -38,7 +38,10 @@ def load_texts(
     include_path: str | None = None,
     limit: int | None = None,
 ) -> list[str]:
-    """Prompts (`documents=False`) or whole documents (`documents=True`) from `source`."""
+    """Prompts (`documents=False`) or whole documents (`documents=True`) from `source`;
+    the first `limit` of them when it is given."""
+    if limit is not None and limit < 1:
+        raise LensDataError(f"limit={limit} must be at least 1 (or left out for all examples).")
     path = Path(source)
     if path.suffix in {".jsonl", ".txt"} or path.exists():
         texts = _from_file(path)
@@ -49,18 +52,27 @@ def load_texts(
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise LensDataError(f"{source} ({split}) holds no non-empty text to train on.")
-    return texts[:limit] if limit else texts
+    return texts[:limit]
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise LensDataError(f"{path} {what}; give a .jsonl or .txt file or a task name.")
+    try:
+        return path.read_text()
+    except UnicodeDecodeError as err:
+        raise LensDataError(f"{path} is not UTF-8 text ({err.reason}); give a text file.") from err
 
 
 def _from_file(path: Path) -> list[str]:
-    if not path.is_file():
-        raise LensDataError(f"{path} does not exist; give a .jsonl or .txt file or a task name.")
+    text = _read_text(path)
     if path.suffix == ".txt":
-        return [block.strip() for block in path.read_text().split("\n\n")]
+        return [block.strip() for block in text.split("\n\n")]
     if path.suffix != ".jsonl":
         raise LensDataError(f"{path}: unsupported file type; use .jsonl (prompt/text) or .txt.")
     texts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -73,7 +85,11 @@ def _from_file(path: Path) -> list[str]:
                 f"{path}:{number} has no {' / '.join(_FIELDS)} field; each line must be an "
                 'object like {"prompt": "Question: ...\\nAnswer:"}.'
             )
-        texts.append(str(record[field]))
+        if not isinstance(record[field], str):
+            raise LensDataError(
+                f"{path}:{number}: {field} is {type(record[field]).__name__}, not text."
+            )
+        texts.append(record[field])
     return texts
 
 

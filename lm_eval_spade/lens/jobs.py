@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from lm_eval_spade.lens.checkpoint import save_lens
+from lm_eval_spade.files import LENS, TUNED_LENS_EXPORT, check_output
+from lm_eval_spade.lens.checkpoint import is_lens_dir, save_lens
 from lm_eval_spade.lens.data import load_texts
 from lm_eval_spade.lens.io import read_lens
 from lm_eval_spade.lens.training import LensTrainConfig, TrainedLens, train_lens
@@ -38,7 +39,10 @@ def train_and_save(
     dtype: str = "float32",
     device: str = "cpu",
     peft: str | None = None,
+    overwrite: bool = False,
 ) -> TrainedLens:
+    """Train a lens and write it to `out`; `out` is checked before any work starts."""
+    check_output(Path(out), LENS, overwrite, is_lens_dir)
     documents = config.kind is LensKind.TUNED_LENS  # tuned lens reads whole documents
 
     def texts(source: str, split: str) -> list[str]:
@@ -59,10 +63,11 @@ def train_and_save(
         "peft": peft,
     }
     trained = train_lens(model, tokenizer, train_texts, config, eval_texts, info, revision)
-    path = save_lens(trained.lens, out)
+    path = save_lens(trained.lens, out, overwrite)
     logger.info("saved %s lens to %s", config.kind.value, path)
     return trained
 
 
-def export_to_tuned_lens(source: str | Path, out: str | Path) -> Path:
-    return export_tuned_lens(read_lens(source), out)
+def export_to_tuned_lens(source: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    check_output(Path(out), TUNED_LENS_EXPORT, overwrite)
+    return export_tuned_lens(read_lens(source), out, overwrite)

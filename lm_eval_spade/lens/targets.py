@@ -82,20 +82,26 @@ def _cat_shared(parts: list[dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]
     return out
 
 
-def start_token_id(tokenizer) -> int:
-    """BOS, or EOS where there is none (GPT-2's `<|endoftext|>`), as lm-eval's prefix token."""
+def start_token_id(tokenizer, prefix_token_id: int | None = None) -> int:
+    """The start token spade-exit puts first: `prefix_token_id` where given (as the
+    model_arg of that name), else BOS, else EOS (GPT-2's `<|endoftext|>`), as HFLM's
+    prefix token."""
+    if prefix_token_id is not None:
+        return prefix_token_id
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sequences.")
     return start
 
 
-def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids with a start token at position 0 (as spade-exit with add_bos_token=True).
+def encode(
+    tokenizer, texts: list[str], max_length: int, prefix_token_id: int | None = None
+) -> list[list[int]]:
+    """Token ids with a start token at position 0 (as spade-exit puts one there).
 
     Long texts keep their last `max_length` tokens (the answer end), as HFLM truncates.
     """
-    start = start_token_id(tokenizer)
+    start = start_token_id(tokenizer, prefix_token_id)
     out = []
     for text in texts:
         ids = tokenizer(text.rstrip(), add_special_tokens=False)["input_ids"]

@@ -8,6 +8,7 @@ them all at once; each step runs the frozen model on a batch of examples to make
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from lm_eval_spade.architectures import Architecture, architecture_for
 from lm_eval_spade.decoders import SpadePositions
 from lm_eval_spade.errors import UserInputError
+from lm_eval_spade.finite import check_training_step, is_rate, optimiser_step
 from lm_eval_spade.lens.checkpoint import Lens
 from lm_eval_spade.lens.targets import Targets, encode, final_layer_targets, lspade_targets
 from lm_eval_spade.lens.translators import LensKind
@@ -51,6 +53,9 @@ class LensTrainConfig:
     #: Targets of all training examples are made once and kept when they fit in this
     #: many MiB (they do not change between epochs); otherwise each step makes its own.
     cache_mb: int = 2048
+    #: The start token examples begin with (spade-exit's `prefix_token_id`); None: BOS,
+    #: else EOS. Train with the one the lens will be used with.
+    prefix_token_id: int | None = None
 
     def check(self, num_layers: int) -> list[int]:
         """Validate against the model; return the layers to train."""
@@ -69,8 +74,14 @@ class LensTrainConfig:
         for name in ("steps", "batch_size", "max_length", "cache_mb"):
             if getattr(self, name) < (0 if name == "cache_mb" else 1):
                 raise LensTrainingError(f"{name}={getattr(self, name)} is too small.")
-        if not self.lr > 0:
-            raise LensTrainingError(f"lr must be positive, not {self.lr}.")
+        if not is_rate(self.lr):
+            raise LensTrainingError(
+                f"lr must be a positive finite number (at most 3.4e38), not {self.lr}."
+            )
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise LensTrainingError(
+                f"weight_decay must be a finite number >= 0 (0: none), not {self.weight_decay}."
+            )
         if not 0 <= self.eval_fraction < 1:
             raise LensTrainingError(f"eval_fraction must be in [0, 1), not {self.eval_fraction}.")
         return layers
@@ -223,9 +234,12 @@ def train_lens(
     arch = architecture_for(model)
     layers = config.check(arch.num_layers)
     generator = torch.Generator().manual_seed(config.seed)
-    ids = encode(tokenizer, texts, config.max_length)
+    ids = encode(tokenizer, texts, config.max_length, config.prefix_token_id)
     if eval_texts is not None:
-        train_ids, eval_ids = ids, encode(tokenizer, eval_texts, config.max_length)
+        train_ids, eval_ids = (
+            ids,
+            encode(tokenizer, eval_texts, config.max_length, config.prefix_token_id),
+        )
     else:
         train_ids, eval_ids = _split(ids, config.eval_fraction, generator)
     lens = Lens.untrained(arch, config.kind, layers, revision=revision)
@@ -251,13 +265,17 @@ def train_lens(
         before = evaluate_kl(arch, None, config, eval_ids, layers) if eval_ids else {}
         source = TargetSource(arch, config, train_ids, layers, progress, used)
         bar = tqdm(batches, desc=f"train {config.kind.value}", disable=not progress)
-        for batch in bar:
+        for step, batch in enumerate(bar):
             targets = source.batch(batch)
             loss = sum(_kl(arch, lens, targets, layer) for layer in layers) / targets.positions
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            with optimiser_step(step + 1, config.steps, config.lr):
+                optimizer.step()
             losses.append(float(loss.detach()) / len(layers))
+            check_training_step(
+                step + 1, config.steps, losses[-1], lens.named_parameters(), config.lr
+            )
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
         after = evaluate_kl(arch, lens, config, eval_ids, layers) if eval_ids else {}
 

@@ -7,7 +7,10 @@ every layer `l` in `0..L-1` (translator `l` maps the hidden states after `l` blo
 `base_model_name_or_path`, `base_model_revision` and `lens_type`.
 
 `params.pt` is a pickle; it is read with `torch.load(weights_only=True)`, which accepts
-tensors and plain containers only and refuses anything that would run code.
+tensors and plain containers only and refuses anything that would run code. The config's
+fields are checked for type and range, and `unembed_hash` (tuned-lens's only integrity
+field, which its own `save` always writes) is required: without it nothing would tie the
+lens to a head.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lm_eval_spade.files import write_atomically
+from lm_eval_spade.files import TUNED_LENS_EXPORT, write_atomically
 from lm_eval_spade.lens.checkpoint import (
     CONFIG_FILE,
     Lens,
@@ -54,26 +57,54 @@ def _read_params(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_config(data: dict, source: Path) -> None:
+    """Refuse tuned-lens config fields that are missing or of the wrong type."""
+    damaged = "the config was edited or damaged: copy the lens again or retrain it."
+
+    def positive_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    checks = {
+        "d_model": (positive_int, "an integer >= 1"),
+        "num_hidden_layers": (positive_int, "an integer >= 1"),
+        "unembed_hash": (
+            lambda v: isinstance(v, str) and len(v) == 64 and set(v) <= set("0123456789abcdef"),
+            "the SHA-256 hex of the LM head that tuned-lens writes",
+        ),
+    }
+    optional = {
+        "bias": (lambda v: isinstance(v, bool), "true or false"),
+        "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string"),
+        "base_model_revision": (lambda v: v is None or isinstance(v, str), "null or a string"),
+    }
+    missing = [k for k in checks if data.get(k) is None]
+    if missing:
+        raise LensCheckpointError(f"{source} lacks {missing}: not a complete tuned-lens config.")
+    for name, (ok, expected) in {**checks, **optional}.items():
+        if name in data and not ok(data[name]):
+            raise LensCheckpointError(
+                f"{source}: {name} is {data[name]!r:.60}, but must be {expected}; {damaged}"
+            )
+
+
 def read_tuned_lens(path: Path) -> Lens:
     """A tuned-lens checkpoint as a `tuned_lens` Lens (checked against a model later)."""
     data = read_json(path / CONFIG_FILE)
-    missing = [k for k in ("d_model", "num_hidden_layers") if k not in data]
-    if missing:
-        raise LensCheckpointError(f"{path / CONFIG_FILE} lacks {missing}: not a tuned-lens config.")
     lens_type = data.get("lens_type", LENS_TYPE)
     if lens_type != LENS_TYPE:
         raise LensCheckpointError(
             f"{path}: lens_type {lens_type!r} is not supported; only {LENS_TYPE!r} is."
         )
-    d_model, num_layers = int(data["d_model"]), int(data["num_hidden_layers"])
-    bias = bool(data.get("bias", True))
+    _check_config(data, path / CONFIG_FILE)
+    d_model, num_layers = data["d_model"], data["num_hidden_layers"]
+    bias = data.get("bias", True)
     layers = list(range(num_layers))
     translators = translators_from_tensors(
         _read_params(path / PARAMS_FILE), d_model, layers, bias, path / PARAMS_FILE
     )
     config = LensConfig(
         kind=LensKind.TUNED_LENS.value,
-        base_model_name_or_path=str(data.get("base_model_name_or_path", "")),
+        base_model_name_or_path=str(data.get("base_model_name_or_path") or ""),
         model_type="",
         num_layers=num_layers,
         hidden_size=d_model,
@@ -87,8 +118,9 @@ def read_tuned_lens(path: Path) -> Lens:
     return Lens(config, translators)
 
 
-def export_tuned_lens(lens: Lens, path: str | Path) -> Path:
-    """Write `lens` in tuned-lens's format, loadable by `TunedLens.from_model_and_pretrained`.
+def export_tuned_lens(lens: Lens, path: str | Path, overwrite: bool = False) -> Path:
+    """Write `lens` in tuned-lens's format, loadable by `TunedLens.from_model_and_pretrained`
+    (atomically; an earlier export at `path` is replaced only with `overwrite`).
 
     tuned-lens has a translator for every layer `0..L-1`; layers this lens lacks are
     written as zeros, which is logit lens there.
@@ -119,4 +151,4 @@ def export_tuned_lens(lens: Lens, path: str | Path) -> Path:
         torch.save(state, tmp / PARAMS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(tuned_config, indent=2) + "\n")
 
-    return write_atomically(Path(path), write)
+    return write_atomically(Path(path), write, TUNED_LENS_EXPORT, overwrite)

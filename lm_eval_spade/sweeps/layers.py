@@ -19,7 +19,7 @@ from pathlib import Path
 from lm_eval_spade.decoders import DecoderKind
 from lm_eval_spade.lens import LensCheckpointError, read_lens
 from lm_eval_spade.sweeps.model import LayerwiseLM
-from lm_eval_spade.sweeps.results import Setting, SweepOutcome, run_sweep
+from lm_eval_spade.sweeps.results import Setting, SweepOutcome, run_sweep, sweep_output
 from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
 from lm_eval_spade.sweeps.spec import Decoding, SweepError
 from lm_eval_spade.sweeps.views import FixedExit, ScoringCost
@@ -100,7 +100,11 @@ def decodings_for(config: LayerSweepConfig, lenses: dict[str, tuple[str, Decoder
 
 
 def run_layer_sweep(settings: SweepSettings, config: LayerSweepConfig) -> SweepOutcome:
-    settings.hf_args()  # bad --model-args fail before anything loads
+    with sweep_output(settings) as work:  # bad settings and --out fail before anything loads
+        return _layer_sweep(settings, config, work)
+
+
+def _layer_sweep(settings: SweepSettings, config: LayerSweepConfig, work: Path) -> SweepOutcome:
     lenses = name_lenses(config.lenses)
     decodings = decodings_for(config, lenses)
     task_dict = load_tasks(settings.tasks, settings.include_path)
@@ -134,6 +138,7 @@ def run_layer_sweep(settings: SweepSettings, config: LayerSweepConfig) -> SweepO
         task_dict,
         settings,
         "layers",
+        work,
         decoders=[d.label for d in decodings],
         lenses={n: p for n, (p, _) in lenses.items()},
     )

@@ -13,6 +13,7 @@ same requests in the same process.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from lm_eval.models.utils_hf import pad_and_concat
 
 from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
+from lm_eval_spade.finite import NonFiniteError
 from lm_eval_spade.lens import Lens, LensCheckpointError, LensKind, load_lens
 from lm_eval_spade.model import SpadeExitLM, TokenRequest
 from lm_eval_spade.sweeps.scoring import score_layers
@@ -133,6 +135,11 @@ class LayerwiseLM(SpadeExitLM):
     def _delegates(self) -> bool:
         return self.reference
 
+    @property
+    def _keeps_start(self) -> bool:
+        """Always (unless add_bos_token=False): the reference run scores the same tokens."""
+        return self.add_bos_token is not False
+
     def _desc(self) -> str:
         return f"Scoring {len(self.layout.columns)} layer x decoder columns"
 
@@ -141,6 +148,24 @@ class LayerwiseLM(SpadeExitLM):
 
     def _record(self, requests: list[Instance], exits: list[Any]) -> None:
         return None
+
+    def _check_finite(self, requests: list[Instance], results: list[Any]) -> None:
+        """A NaN or infinite score in any column is an error, never a metric."""
+        for req, answer in zip(requests, results, strict=True):
+            scores = answer[0] if isinstance(answer, tuple) else answer
+            if isinstance(scores, RequestScores) and not bool(scores.loglik.isfinite().all()):
+                bad = [
+                    f"{d.label} at layer {layer}"
+                    for (d, layer), v in zip(
+                        self.layout.columns, scores.loglik.tolist(), strict=True
+                    )
+                    if not math.isfinite(v)
+                ]
+                raise NonFiniteError(
+                    f"doc {req.doc_id} of task {req.task_name} scored a non-finite value with "
+                    f"{', '.join(bad[:3])}; no metric is computed from it. Likely cause: the "
+                    "model or a lens overflows (try dtype=float32) or holds non-finite weights."
+                )
 
     def _loglikelihood_tokens(
         self,

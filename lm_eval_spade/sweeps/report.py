@@ -10,7 +10,11 @@ no exit setting the full model). For each kind of sweep found it writes:
 - `<kind>.md`: leaderboard-style tables of each task's main metric (accuracy for
   multiple choice, word perplexity for text), with exit layer and compute fraction;
 - `<kind>*.png`: the paper's figures: metric by layer per decoder (figures 3, 4),
-  accuracy against mean exit layer and compute fraction (figure 5), per lens (figure 6).
+  accuracy against mean exit layer and compute fraction (figure 5), per lens (figure 6);
+- `leaderboard.md` / `leaderboard.csv`: one row per setting (model and adapter, decoder or
+  exit rule, layer or threshold), one column per task and their average, then the mean
+  compute fraction and, where the results carry a measured timing, the wall-clock
+  speedup against `hf`; ranked by the average, with standard errors.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from lm_eval_spade.files import REPORT, check_output, staged_output
 from lm_eval_spade.sweeps.layers import DECODER_NAMES
 from lm_eval_spade.sweeps.results import MANIFEST
 from lm_eval_spade.sweeps.spec import SweepError
@@ -96,7 +101,9 @@ def _decoder_kind(name: str):
 
 def _rows(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     place = _placement(data)
-    tasks = ((data.get("config") or {}).get("spade") or {}).get("tasks", {})
+    config = data.get("config") or {}
+    tasks = (config.get("spade") or {}).get("tasks", {})
+    timing = data.get("timing") if isinstance(data.get("timing"), dict) else {}
     rows = []
     for task, metrics in data["results"].items():
         if not isinstance(metrics, dict):
@@ -121,9 +128,26 @@ def _rows(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
                     or (data.get("n-samples", {}).get(task) or {}).get("effective"),
                     "mean_exit_layer": stats.get("mean_exit_layer"),
                     "compute_fraction": stats.get("compute_fraction", 1.0 if not tasks else None),
+                    "model": _model_name(str(config.get("model_args") or "")),
+                    "speedup": _speedup(timing),
                 }
             )
     return rows
+
+
+def _model_name(model_args: str) -> str:
+    """`pretrained` (its last path part) and `peft` adapter of a results file's model_args."""
+    args = dict(part.split("=", 1) for part in model_args.split(",") if "=" in part)
+    name = Path(args.get("pretrained", "?")).name
+    return f"{name} + {Path(args['peft']).name}" if args.get("peft") else name
+
+
+def _speedup(timing: dict[str, Any]) -> float | None:
+    """`hf`'s seconds over this run's, where a benchmark timed both on the same requests."""
+    seconds, hf = timing.get("seconds"), timing.get("hf_seconds")
+    if isinstance(seconds, int | float) and isinstance(hf, int | float) and seconds > 0:
+        return float(hf) / float(seconds)
+    return None
 
 
 def load_results(dirs: list[Path]) -> pd.DataFrame:
@@ -234,6 +258,85 @@ def tables(table: pd.DataFrame) -> dict[str, str]:
     return out
 
 
+def _at_full_depth(row: pd.Series) -> bool:
+    layer, num_layers = row.get("layer"), row.get("num_layers")
+    return row["kind"] == "full model" or (
+        pd.notna(layer) and pd.notna(num_layers) and int(layer) == int(num_layers)
+    )
+
+
+def _rule(row: pd.Series) -> str:
+    if _at_full_depth(row):  # every decoder at layer L is the full model
+        return "full model"
+    if row["kind"] == "layers":
+        return f"static exit ({row['decoder_label']})"
+    if row["kind"] == "transfer":
+        return f"SPADE-EXIT, L-SPADE trained on {row['lens_task']}"
+    return str(row.get("series") or row["kind"])
+
+
+def _point(row: pd.Series) -> str:
+    if _at_full_depth(row):
+        return "full depth"
+    if pd.notna(row.get("threshold")):
+        return f"threshold {row['threshold']:g}"
+    if pd.notna(row.get("layer")):
+        return f"layer {int(row['layer'])}"
+    return "full depth"
+
+
+def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting, a column per task's main metric (and its standard error), the
+    average over tasks, mean compute fraction and measured wall-clock speedup, ranked.
+
+    A setting that lacks some task gets no average and sinks to the bottom, so averages
+    are only compared over the same tasks.
+    """
+    main = main_metrics(table).copy()
+    main["rule"] = main.apply(_rule, axis=1)
+    main["point"] = main.apply(_point, axis=1)
+    keys = ["model", "rule", "point"]
+    tasks = sorted(main["task"].unique())
+    rows = []
+    for key, group in main.groupby(keys, sort=False):
+        row = dict(zip(keys, key, strict=True))
+        by_task = group.drop_duplicates("task").set_index("task")
+        for task in tasks:
+            row[task] = by_task["value"].get(task)
+            row[f"{task} stderr"] = by_task["stderr"].get(task)
+        values = [row[t] for t in tasks]
+        complete = all(v is not None and pd.notna(v) for v in values)
+        row["average"] = sum(values) / len(values) if complete else None
+        row["compute fraction"] = by_task["compute_fraction"].mean()
+        speedups = by_task["speedup"].dropna()
+        row["speedup vs hf"] = speedups.mean() if len(speedups) else None
+        rows.append(row)
+    board = pd.DataFrame(rows)
+    lower = bool(main["metric"].isin(LOWER_IS_BETTER).all())
+    board = board.sort_values(
+        ["average", "compute fraction"], ascending=[lower, True], na_position="last"
+    )
+    return board.reset_index(drop=True)
+
+
+def leaderboard_markdown(board: pd.DataFrame) -> str:
+    tasks = [c for c in board.columns if f"{c} stderr" in board.columns]
+    view = pd.DataFrame({"rank": range(1, len(board) + 1)})
+    for key in ("model", "rule", "point"):
+        view[key] = board[key]
+    for task in tasks:
+        view[task] = [
+            "" if pd.isna(v) else f"{v:.3f} ± {e:.3f}" if pd.notna(e) else f"{v:.3f}"
+            for v, e in zip(board[task], board[f"{task} stderr"], strict=True)
+        ]
+    view["average"] = [f"{v:.3f}" if pd.notna(v) else "" for v in board["average"]]
+    view["compute fraction"] = [
+        f"{v:.3f}" if pd.notna(v) else "" for v in board["compute fraction"]
+    ]
+    view["speedup vs hf"] = [f"{v:.2f}x" if pd.notna(v) else "" for v in board["speedup vs hf"]]
+    return "### Leaderboard\n\n" + view.to_markdown(index=False)
+
+
 # --- figures -----------------------------------------------------------------------------
 def _full_model_line(ax, group: pd.DataFrame) -> None:
     num_layers = group["num_layers"].dropna()
@@ -339,17 +442,36 @@ def figures(table: pd.DataFrame, out: Path) -> list[Path]:
     return files
 
 
-def make_report(dirs: list[Path], out: Path | None = None) -> Report:
-    """Read `dirs`, write CSV, markdown and PNG files into `out` (default DIR/report)."""
-    table = load_results(dirs)
+def is_report_dir(path: Path) -> bool:
+    """A report folder written by an earlier version (before output markers): only the
+    CSV, markdown and PNG files `make_report` writes."""
+    return all(
+        p.is_file()
+        and p.suffix in {".csv", ".md", ".png"}
+        and p.name.startswith((*KINDS, "leaderboard"))
+        for p in path.iterdir()
+    )
+
+
+def make_report(dirs: list[Path], out: Path | None = None, overwrite: bool = False) -> Report:
+    """Read `dirs`, write CSV, markdown and PNG files into `out` (default DIR/report),
+    written whole; an earlier report there is replaced only with `overwrite`."""
     out = Path(out) if out is not None else Path(dirs[0]) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    check_output(out, REPORT, overwrite, is_report_dir)
+    table = load_results(dirs)
     markdown = tables(table)
-    files = []
-    for kind, text in markdown.items():
-        table[table["kind"] == kind].to_csv(out / f"{kind}.csv", index=False)
-        (out / f"{kind}.md").write_text(text + "\n")
-        files += [out / f"{kind}.csv", out / f"{kind}.md"]
-    files += figures(table, out)
+    names = []
+    with staged_output(out, REPORT, overwrite, is_report_dir) as work:
+        for kind, text in markdown.items():
+            table[table["kind"] == kind].to_csv(work / f"{kind}.csv", index=False)
+            (work / f"{kind}.md").write_text(text + "\n")
+            names += [f"{kind}.csv", f"{kind}.md"]
+        board = leaderboard(table)
+        board.to_csv(work / "leaderboard.csv", index=False)
+        markdown["leaderboard"] = leaderboard_markdown(board)
+        (work / "leaderboard.md").write_text(markdown["leaderboard"] + "\n")
+        names += ["leaderboard.csv", "leaderboard.md"]
+        names += [path.name for path in figures(table, work)]
+    files = [out / name for name in names]
     logger.info("wrote %s", ", ".join(str(f) for f in files))
     return Report(table, files, markdown)

@@ -7,6 +7,9 @@ A sweep writes `OUT/results/<setting>.json` for every setting it evaluates, each
 block naming the sweep kind and the setting's place in it. `OUT/sweep.json` holds the
 sweep's own record: kind, settings and what scoring cost. `report` reads both, and
 plain lm-eval result folders too.
+
+A sweep writes into a fresh folder that replaces `OUT` only when it is complete
+(`sweep_output`), so a rerun never mixes its files with an earlier run's.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lm_eval_spade import __version__
+from lm_eval_spade.files import SWEEP, staged_output
 from lm_eval_spade.sweeps.model import LayerwiseLM
 from lm_eval_spade.sweeps.settings import SweepSettings
 from lm_eval_spade.sweeps.views import Rule, ScoresView, ScoreTable, ScoringCost
@@ -48,6 +53,23 @@ class SweepOutcome:
     out: Path
     cost: ScoringCost
     results: list[dict[str, Any]]
+
+
+def is_sweep_dir(path: Path) -> bool:
+    """A sweep folder written by an earlier version (before output markers)."""
+    try:
+        return "package_version" in json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+@contextmanager
+def sweep_output(settings: SweepSettings) -> Iterator[Path]:
+    """Check the sweep's settings and `--out` before any work, and yield the folder to
+    write into; it becomes `settings.out` when the sweep completes."""
+    settings.check()
+    with staged_output(settings.out, SWEEP, settings.overwrite, is_sweep_dir) as work:
+        yield work
 
 
 def slug(text: str) -> str:
@@ -127,15 +149,14 @@ def run_sweep(
     task_dict: dict,
     settings: SweepSettings,
     kind: str,
+    work: Path,
     **record: Any,
 ) -> SweepOutcome:
     """Score the tasks' requests once with `lm`, evaluate every point, write the results
-    and the manifest (with `record` and the scoring cost)."""
+    and the manifest (with `record` and the scoring cost) into `work` (`sweep_output`)."""
     table = ScoreTable(lm, settings.time_full_depth)
-    results = run_settings(table, points, task_dict, settings, settings.out)
+    results = run_settings(table, points, task_dict, settings, work)
     cost = table.cost.to_dict()
-    write_manifest(
-        settings.out, kind, settings, num_layers=lm.layout.num_layers, cost=cost, **record
-    )
-    logger.info("wrote %d results files under %s", len(points), settings.out / "results")
+    write_manifest(work, kind, settings, num_layers=lm.layout.num_layers, cost=cost, **record)
+    logger.info("wrote %d results files for %s", len(points), settings.out / "results")
     return SweepOutcome(settings.out, table.cost, results)

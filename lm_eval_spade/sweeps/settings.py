@@ -9,9 +9,10 @@ from typing import Any
 from lm_eval_spade.decoders import SpadePositions
 from lm_eval_spade.sweeps.spec import SweepError
 
-#: HFLM settings sweeps use unless --model-args says otherwise. SPADE pairs every
-#: position with the start token, so requests get one (`add_bos_token`).
-DEFAULT_MODEL_ARGS = {"device": "cpu", "dtype": "float32", "add_bos_token": True}
+#: HFLM settings sweeps use unless --model-args says otherwise. The start token SPADE
+#: pairs every position with is spade-exit's own (HFLM's prefix token where the
+#: tokenizer adds none; `start_token.py`).
+DEFAULT_MODEL_ARGS = {"device": "cpu", "dtype": "float32"}
 
 
 @dataclass
@@ -20,7 +21,8 @@ class SweepSettings:
 
     `model_args` are extra HFLM model_args as lm-eval's `--model_args` takes them
     (`max_length=1024,dtype=bfloat16`); `limit` is lm-eval's `--limit` (documents per
-    task, or a fraction below 1).
+    task, or a fraction below 1). `out` is written whole at the end of the sweep; an
+    earlier sweep there is replaced only with `overwrite` (`files.staged_output`).
     """
 
     model: str
@@ -33,6 +35,22 @@ class SweepSettings:
     spade_positions: SpadePositions = SpadePositions.ORIGINAL
     bootstrap_iters: int = 1000
     time_full_depth: bool = True
+    overwrite: bool = False
+
+    def check(self) -> None:
+        """Refuse settings lm-eval would misread (a zero or negative limit means all
+        documents, or all but some, to it)."""
+        limit = self.limit
+        if limit is not None and not (0 < limit < 1 or (limit >= 1 and limit == int(limit))):
+            raise SweepError(
+                f"--limit {limit:g} is not valid: give a number of documents (1, 2, ...) or a "
+                "fraction between 0 and 1."
+            )
+        if self.batch_size < 1:
+            raise SweepError(f"--batch-size {self.batch_size} must be at least 1.")
+        if self.bootstrap_iters < 0:
+            raise SweepError(f"--bootstrap-iters {self.bootstrap_iters} must be >= 0.")
+        self.hf_args()
 
     def hf_args(self) -> dict[str, Any]:
         """HFLM model_args: the defaults, overridden by `model_args`."""
@@ -63,6 +81,7 @@ class SweepSettings:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["out"], data["spade_positions"] = str(self.out), self.spade_positions.value
+        data.pop("overwrite")
         return data
 
 

@@ -115,6 +115,11 @@ def parse_thresholds(values: Sequence[str]) -> list[float]:
                 f"threshold {part!r} is not a number; give uncertainties in nats, e.g. "
                 "--thresholds 0.1 0.5 1 2 inf."
             )
+        if number < 0 and number != -math.inf:
+            raise SweepError(
+                f"threshold {part} can never pass: uncertainties are at least 0 nats. Give "
+                "thresholds >= 0 (or -inf for a setting that never exits)."
+            )
         out.append(number)
     if not out:
         raise SweepError("no thresholds given, e.g. --thresholds 0.1 0.5 1 2 inf.")
@@ -126,11 +131,9 @@ def check_schedule(num_layers: int, interval: int, min_layer: int | None) -> tup
     from lm_eval_spade.config import SpadeArgumentError, SpadeConfig
 
     try:
+        schedule = {"interval": interval} | ({} if min_layer is None else {"min_layer": min_layer})
         config = SpadeConfig.from_model_args(
-            threshold=0.0,
-            interval=interval,
-            min_layer=min_layer,
-            confidence_decoder=DecoderKind.LOGIT_LENS.value,
+            threshold=0.0, confidence_decoder=DecoderKind.LOGIT_LENS.value, **schedule
         )
         config.check_layers(num_layers)
     except SpadeArgumentError as err:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from lm_eval_spade.confidence import Confidence
 from lm_eval_spade.decoders import DecoderKind
 from lm_eval_spade.sweeps.layers import DECODER_NAMES, name_lenses
 from lm_eval_spade.sweeps.model import LayerwiseLM
-from lm_eval_spade.sweeps.results import Setting, SweepOutcome, run_sweep
+from lm_eval_spade.sweeps.results import Setting, SweepOutcome, run_sweep, sweep_output
 from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
 from lm_eval_spade.sweeps.spec import Decoding, Layout, Signal, SweepError, check_schedule
 from lm_eval_spade.sweeps.views import FixedExit, ThresholdExit
@@ -127,13 +128,19 @@ def series_for(lens_name: str, lens_kind: DecoderKind, baselines: bool) -> list[
 
 
 def run_threshold_sweep(settings: SweepSettings, config: ThresholdSweepConfig) -> SweepOutcome:
-    settings.hf_args()  # bad --model-args fail before anything loads
     if config.lens is None:
         raise SweepError(
             "sweep thresholds needs --lens DIR: SPADE-EXIT's confidence comes from an L-SPADE "
             "lens (`lm-eval-spade train-lens --kind lspade ...`)."
         )
-    lenses = name_lenses([config.lens])
+    with sweep_output(settings) as work:  # bad settings and --out fail before anything loads
+        return _threshold_sweep(settings, config, config.lens, work)
+
+
+def _threshold_sweep(
+    settings: SweepSettings, config: ThresholdSweepConfig, lens: str, work: Path
+) -> SweepOutcome:
+    lenses = name_lenses([lens])
     (lens_name, (lens_path, lens_kind)), *_ = lenses.items()
     if not lens_kind.needs_lens:  # pragma: no cover - read_lens only knows lens kinds
         raise SweepError(f"--lens {lens_path} is not a lens.")
@@ -171,6 +178,7 @@ def run_threshold_sweep(settings: SweepSettings, config: ThresholdSweepConfig) -
         task_dict,
         settings,
         "thresholds",
+        work,
         thresholds=config.thresholds,
         lens=lens_path,
         checks=list(checks),

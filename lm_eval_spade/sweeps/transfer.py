@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lm_eval_spade.confidence import Confidence
 from lm_eval_spade.decoders import DecoderKind
@@ -19,7 +20,7 @@ from lm_eval_spade.lens.jobs import DataSpec, train_and_save
 from lm_eval_spade.lens.training import LensTrainConfig
 from lm_eval_spade.lens.translators import LensKind
 from lm_eval_spade.sweeps.model import LayerwiseLM
-from lm_eval_spade.sweeps.results import SweepOutcome, run_sweep, slug
+from lm_eval_spade.sweeps.results import SweepOutcome, run_sweep, slug, sweep_output
 from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
 from lm_eval_spade.sweeps.spec import Decoding, Signal, SweepError, check_schedule
 from lm_eval_spade.sweeps.thresholds import Series, ThresholdSweepConfig, threshold_settings
@@ -53,32 +54,43 @@ def parse_lens_assignments(values: list[str]) -> dict[str, str]:
     return out
 
 
-def train_lenses(settings: SweepSettings, config: TransferConfig) -> dict[str, str]:
-    """A lens folder per training task: given ones, or trained now under OUT/lenses/."""
+def train_lenses(
+    settings: SweepSettings, config: TransferConfig, work: Path
+) -> dict[str, tuple[str, str]]:
+    """Per training task, where its lens will be (recorded in the results) and where it
+    is now: given folders, or lenses trained now into `work/lenses/` (OUT/lenses/ once
+    the sweep completes)."""
     tasks = config.train_tasks or settings.tasks
-    lenses = dict(config.lenses)
+    lenses = {task: (path, path) for task, path in config.lenses.items()}
     hf = settings.hf_args()
     for task in tasks:
         if task in lenses:
             continue
-        out = settings.out / "lenses" / slug(task)
-        logger.info("training L-SPADE on %s (train split) into %s", task, out)
+        staged = work / "lenses" / slug(task)
+        logger.info("training L-SPADE on %s (train split)", task)
         train_and_save(
             settings.model,
             DataSpec(task, "train", settings.include_path, config.train_limit),
             config.training,
-            out,
+            staged,
             dtype=str(hf.get("dtype", "float32")),
             device=str(hf.get("device", "cpu")),
         )
-        lenses[task] = str(out)
+        lenses[task] = (str(settings.out / "lenses" / slug(task)), str(staged))
     return lenses
 
 
 def run_transfer_sweep(settings: SweepSettings, config: TransferConfig) -> SweepOutcome:
-    settings.hf_args()  # bad --model-args fail before anything loads
+    if config.train_limit is not None and config.train_limit < 1:
+        raise SweepError(f"--train-limit {config.train_limit} must be at least 1.")
+    with sweep_output(settings) as work:  # bad settings and --out fail before anything loads
+        return _transfer_sweep(settings, config, work)
+
+
+def _transfer_sweep(settings: SweepSettings, config: TransferConfig, work: Path) -> SweepOutcome:
     task_dict = load_tasks(settings.tasks, settings.include_path)
-    lenses = train_lenses(settings, config)
+    places = train_lenses(settings, config, work)
+    lenses = {task: final for task, (final, _) in places.items()}
     spade = Decoding(DecoderKind.SPADE)
     series = {
         task: Series(
@@ -92,7 +104,7 @@ def run_transfer_sweep(settings: SweepSettings, config: TransferConfig) -> Sweep
         settings.model,
         [spade],
         [s.signal for s in series.values()],
-        lenses=lenses,
+        lenses={task: now for task, (_, now) in places.items()},
         spade_positions=settings.spade_positions,
         **settings.hf_args(),
     )
@@ -115,6 +127,7 @@ def run_transfer_sweep(settings: SweepSettings, config: TransferConfig) -> Sweep
         task_dict,
         settings,
         "transfer",
+        work,
         thresholds=thresholds.thresholds,
         lenses=lenses,
         checks=list(checks),
