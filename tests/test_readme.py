@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -154,13 +156,30 @@ def test_setup_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "setup.sh")]).returncode == 0
 
 
+@contextlib.contextmanager
+def _logging_restored() -> Iterator[None]:
+    """`lm_eval` configures its loggers (and ours) for good; later tests in this process
+    must find them as they were."""
+    import lm_eval.utils
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm_eval_spade")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    configured = lm_eval.utils._LOGGING_CONFIGURED
+    try:
+        yield
+    finally:
+        for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.level, lg.propagate = handlers, level, propagate
+        lm_eval.utils._LOGGING_CONFIGURED = configured
+
+
 def _run_in_process(words: list[str]) -> str:
     from lm_eval.__main__ import cli_evaluate
 
     from lm_eval_spade.cli import main
 
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), _logging_restored():
         if words[0] == "lm_eval":
             argv = sys.argv
             sys.argv = words

@@ -14,10 +14,10 @@ once each has run, applies this package's addition to it:
 - `lm_eval.tasks.manager`: the package's task folder next to lm-eval's own
   (`lm_eval_spade.tasks.configs`);
 - `lm_eval._cli.harness` (the `lm_eval` command): this package's input errors end the
-  command with one line (`lm_eval_spade._startup.cli_errors`), and its log lines take
-  lm-eval's format and level (`lm_eval_spade.logs`);
+  command with one line (`lm_eval_spade._startup.cli_errors`);
 - `lm_eval.utils`: `make_table` follows spade-exit's results table with its exit table
-  (`lm_eval_spade._startup.lm_eval_output`);
+  (`lm_eval_spade._startup.lm_eval_output`), and `setup_logging` gives this package's
+  log lines lm-eval's format and level (`lm_eval_spade.logs`);
 - `lm_eval.api.model`: `--use_cache` keeps spade-exit's answers apart per setting, with
   their exits (`lm_eval_spade.answer_cache`).
 """
@@ -55,11 +55,11 @@ AFTER_LOAD = {
     "lm_eval.api.registry": ("lm_eval_spade._startup.hook:register_models",),
     "lm_eval.api.task": ("lm_eval_spade.tasks.offline:install",),
     "lm_eval.tasks.manager": ("lm_eval_spade.tasks.configs:install",),
-    "lm_eval._cli.harness": (
-        "lm_eval_spade._startup.cli_errors:install",
-        "lm_eval_spade.logs:attach_to_lm_eval",
+    "lm_eval._cli.harness": ("lm_eval_spade._startup.cli_errors:install",),
+    "lm_eval.utils": (
+        "lm_eval_spade._startup.lm_eval_output:install_exit_table",
+        "lm_eval_spade.logs:follow_lm_eval_logging",
     ),
-    "lm_eval.utils": ("lm_eval_spade._startup.lm_eval_output:install_exit_table",),
     "lm_eval.api.model": ("lm_eval_spade.answer_cache:install",),
 }
 
