@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from lm_eval_spade import __version__
+from lm_eval_spade import __version__, logs
 from lm_eval_spade import cli_values as values
 from lm_eval_spade._startup.cli_errors import close_progress_bars
 from lm_eval_spade.errors import UserInputError
@@ -43,7 +43,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     info, trained = calibrate(config, Path(args.out), lens, args.overwrite)
     print("held-out accuracy at full depth:", info["heldout_accuracy"])
     print("L-SPADE: KL to SPADE on the validation prompts, per layer (nats):")
-    print(trained.report.to_markdown(index=False, floatfmt=".4f"))
+    print(trained.kl_table())
     print(f"saved to {args.out}/model and {args.out}/lspade")
 
 
@@ -74,7 +74,7 @@ def _train_lens(args: argparse.Namespace) -> None:
         args.overwrite,
     )  # fmt: skip
     print(f"KL to the {args.kind} target on held-out examples, per layer (nats/position):")
-    print(trained.report.to_markdown(index=False, floatfmt=".4f"))
+    print(trained.kl_table())
     print(f"saved to {args.out}")
 
 
@@ -86,18 +86,14 @@ def _export_lens(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from lm_eval_spade.finetune import FinetuneConfig, finetune_task
+    from lm_eval_spade.finetune import FinetuneConfig, finetune_task, loss_summary
 
     config = _from_args(FinetuneConfig, args)
     losses = finetune_task(
         args.model, args.task, args.out, config, args.split, args.include_path, args.limit,
         args.revision, args.dtype, args.device, args.overwrite,
     )  # fmt: skip
-    first, last = losses[: min(10, len(losses))], losses[-min(10, len(losses)) :]
-    print(
-        f"loss over the first {len(first)} steps {sum(first) / len(first):.4f}, "
-        f"over the last {len(last)} {sum(last) / len(last):.4f}"
-    )
+    print(loss_summary(losses))
     print(f"adapter saved to {args.out}; evaluate with --model_args pretrained=...,peft={args.out}")
 
 
@@ -507,10 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.run(args)
     except UserInputError as err:

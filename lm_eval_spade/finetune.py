@@ -68,6 +68,30 @@ class FinetuneConfig:
             raise FinetuneError(f"dropout={self.dropout} must be in [0, 1).")
 
 
+def loss_windows(losses: list[float]) -> dict[str, float | int]:
+    """Mean loss over the first and the last steps: windows of up to 10 steps that never
+    overlap, so "first" and "last" are different steps whenever there are two or more."""
+    window = max(1, min(10, len(losses) // 2))
+    return {
+        "loss_window_steps": window,
+        "loss_first_steps": sum(losses[:window]) / window,
+        "loss_last_steps": sum(losses[-window:]) / window,
+    }
+
+
+def loss_summary(losses: list[float]) -> str:
+    """One line for the command's output."""
+    if len(losses) == 1:
+        return f"loss at the only step {losses[0]:.4f}"
+    w = loss_windows(losses)
+    n = w["loss_window_steps"]
+    steps = "step" if n == 1 else f"{n} steps"
+    return (
+        f"loss over the first {steps} {w['loss_first_steps']:.4f}, "
+        f"over the last {steps} {w['loss_last_steps']:.4f} ({len(losses)} steps)"
+    )
+
+
 def is_adapter_dir(path: Path) -> bool:
     """An adapter folder written by an earlier version (before output markers)."""
     try:
@@ -184,7 +208,7 @@ def finetune_task(
     if limit is not None and limit < 1:
         raise FinetuneError(f"limit={limit} must be at least 1 (or left out for all documents).")
     check_output(Path(out), ADAPTER, overwrite, is_adapter_dir)
-    examples = task_examples(task, split, include_path)[:limit]
+    examples = task_examples(task, split, include_path, limit)
     model, tokenizer = load_causal_lm(pretrained, revision, dtype, device)
     peft_model, losses = finetune(model, tokenizer, examples, config)
     report = {
@@ -195,8 +219,7 @@ def finetune_task(
         "revision": revision,
         "dtype": dtype,
         "settings": asdict(config),
-        "loss_first_steps": sum(losses[:10]) / len(losses[:10]),
-        "loss_last_steps": sum(losses[-10:]) / len(losses[-10:]),
+        **loss_windows(losses),
         "package_version": __version__,
     }
 

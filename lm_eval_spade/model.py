@@ -38,6 +38,7 @@ from tqdm import tqdm
 from transformers import EosTokenCriteria, MaxLengthCriteria
 
 from lm_eval_spade import __version__, answer_cache, calibration
+from lm_eval_spade._startup import lm_eval_output
 from lm_eval_spade.architectures import Architecture, architecture_for
 from lm_eval_spade.config import SPADE_MODEL_ARGS, SpadeArgumentError, SpadeConfig
 from lm_eval_spade.decoders import DecoderKind, SpadePositions
@@ -166,6 +167,7 @@ class SpadeExitLM(HFLM):
             if self.spade.lens is not None:
                 self.lens = self._load_lens()
             self.plan = self._exit_plan()
+        lm_eval_output.install_sample_exits()  # exits in --log_samples and in the log
         #: Every request scored so far (all processes), with its task, doc and exit.
         self.exits: list[dict[str, Any]] = []
         self._row_exits: list[RequestExit] = []

@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from lmutil import DATA, STORIES
 
 from lm_eval_spade import calibration, demo
+from lm_eval_spade.cli import main
 from lm_eval_spade.errors import UserInputError
 
 
 @pytest.mark.slow
-def test_demo_runs_spade_exit_on_calibration_and_real_tasks(tmp_path):
-    config = demo.DemoConfig(out=tmp_path, data_dir=DATA, model=str(STORIES), limit=4)
-    results = demo.run(config)
-    lines = demo.summary(results).splitlines()
+def test_demo_command_runs_spade_exit_on_calibration_and_real_tasks(tmp_path, capfd):
+    """The README's main job, `lm-eval-spade demo --data-dir ... --model ...`, through the
+    command (on 4 documents per real task instead of 40)."""
+    main(["demo", "--data-dir", str(DATA), "--model", str(STORIES), "--limit", "4",
+          "--out", str(tmp_path)])  # fmt: skip
+    printed = capfd.readouterr().out
+    # lm_eval's own output: each spade-exit run's results table, then its exit table.
+    assert printed.count("spade-exit: adaptive exits (entropy of lspade") == 2
+    lines = printed[printed.index("| run | task |") :].splitlines()
     assert lines[2].startswith(f"| calibration-hf | {calibration.TASK} |")
     assert lines[3].startswith(f"| calibration-spade-exit | {calibration.TASK} |")
     assert [line.split(" | ")[1] for line in lines[4:]] == demo.REAL_TASKS
-    (_, full), (_, spade) = results[:2]
+
+    def results(run: str) -> dict:
+        (path,) = (tmp_path / "results" / run).rglob("results_*.json")
+        return json.loads(path.read_text())
+
     task = calibration.TASK
-    assert full["results"][task]["acc,none"] >= 0.9
-    stats = spade["config"]["spade"]["tasks"][task]
+    assert results("calibration-hf")["results"][task]["acc,none"] >= 0.9
+    stats = results("calibration-spade-exit")["config"]["spade"]["tasks"][task]
     assert stats["compute_fraction"] < 1 and stats["requests"] == 4 * 600
-    real = results[2][1]["config"]["spade"]["tasks"]
+    real = results("real-spade-exit")["config"]["spade"]["tasks"]
     assert {t: real[t]["num_layers"] for t in demo.REAL_TASKS} == dict.fromkeys(demo.REAL_TASKS, 5)
 
 

@@ -12,7 +12,14 @@ import pytest
 import transformers as T
 from lmutil import DATA, STORIES, arc_requests, make_lm
 
-from lm_eval_spade.finetune import FinetuneConfig, FinetuneError, encode_example, finetune_task
+from lm_eval_spade.finetune import (
+    FinetuneConfig,
+    FinetuneError,
+    encode_example,
+    finetune_task,
+    loss_summary,
+    loss_windows,
+)
 from lm_eval_spade.lens.data import LensDataError
 from lm_eval_spade.tasks import offline
 
@@ -46,6 +53,19 @@ def test_finetuning_on_arc_train_lowers_the_loss(adapter):
     report = json.loads((out / "finetune.json").read_text())
     assert report["task"] == "arc_easy_spade" and report["examples"] == 128
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
+
+
+def test_loss_summary_windows_never_overlap():
+    assert loss_summary([2.0]) == "loss at the only step 2.0000"
+    assert loss_summary([4.0, 3.0, 2.0, 1.0, 0.5]) == (
+        "loss over the first 2 steps 3.5000, over the last 2 steps 0.7500 (5 steps)"
+    )
+    windows = loss_windows([float(i) for i in range(30)])
+    assert windows == {
+        "loss_window_steps": 10,
+        "loss_first_steps": 4.5,
+        "loss_last_steps": 24.5,
+    }
 
 
 def test_the_adapter_changes_spade_exit_scores(adapter):
@@ -112,7 +132,10 @@ def test_finetune_command(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "loss over the first 2 steps" in done.stdout
+    # Two steps: the first and the last are different steps, not one window twice.
+    assert "loss over the first step " in done.stdout and "over the last step " in done.stdout
+    report = json.loads((tmp_path / "boolq" / "finetune.json").read_text())
+    assert report["loss_window_steps"] == 1
     bad = subprocess.run(
         [*command, "--task", "boolq_spade", "--rank", "0", "--out", str(tmp_path / "x")],
         env=env, capture_output=True, text=True, timeout=300,

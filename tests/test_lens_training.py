@@ -20,10 +20,19 @@ from lmutil import (
     write_arc_letter_task,
 )
 
+from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.lens import LensKind, read_lens
 from lm_eval_spade.lens.data import LensDataError, load_texts
 from lm_eval_spade.lens.jobs import DataSpec, train_and_save
-from lm_eval_spade.lens.training import LensTrainConfig, LensTrainingError, train_lens
+from lm_eval_spade.lens.targets import encode
+from lm_eval_spade.lens.training import (
+    LensTrainConfig,
+    LensTrainingError,
+    TargetSource,
+    batch_order,
+    make_targets,
+    train_lens,
+)
 from lm_eval_spade.perplexity import rolling_perplexity
 
 BIN = Path(sys.executable).parent
@@ -54,6 +63,28 @@ def test_training_is_deterministic_for_a_seed(stories):
     first, again, other = weights(0), weights(0), weights(1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_targets_are_made_only_for_the_examples_the_steps_use(stories, caplog):
+    model, tokenizer = stories
+    texts = [f"{s} ({i})" for i in range(4) for s in SENTENCES]  # 12 distinct prompts
+    config = LensTrainConfig(kind=LensKind.LSPADE, steps=2, batch_size=2, eval_fraction=0)
+    with caplog.at_level("INFO", logger="lm_eval_spade.lens.training"):
+        trained = train_lens(model, tokenizer, texts, config, progress=False)
+    assert trained.lens.config.training["train_examples"] == 12
+    assert trained.lens.config.training["train_examples_used"] == 4
+    assert "use 4 of the 12 training examples" in caplog.text
+
+    arch = architecture_for(model)
+    ids = encode(tokenizer, texts, config.max_length)
+    batches = batch_order(len(ids), config.steps, config.batch_size, torch.Generator())
+    used = sorted({i for batch in batches for i in batch})
+    source = TargetSource(arch, config, ids, [0, 2], progress=False, used=used)
+    assert source.cache is not None and sorted(source.cache) == used
+    for i in used:  # each cached target is the one made for that example alone
+        alone = make_targets(arch, config, [ids[i]], [0, 2])
+        for layer in (0, 2):
+            torch.testing.assert_close(source.cache[i].log_probs[layer], alone.log_probs[layer])
 
 
 def test_lspade_on_arc_train_lowers_heldout_kl_to_spade(arc_task, tmp_path):
@@ -113,12 +144,15 @@ def test_train_lens_command_then_lm_eval_with_the_lens(arc_task, tmp_path):
     out = tmp_path / "lens"
     done = subprocess.run(
         [str(BIN / "lm-eval-spade"), "train-lens", "--model", str(STORIES), "--kind", "lspade",
-         "--data", str(prompts), "--steps", "10", "--batch-size", "8", "--out", str(out)],
+         "--data", str(prompts), "--steps", "4", "--batch-size", "8", "--out", str(out)],
         env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "layer |" in done.stdout and "kl_trained" in done.stdout
+    rows = [line.split("|")[1].strip() for line in done.stdout.splitlines() if "|" in line]
+    assert rows[2:] == ["0", "1", "2", "3", "4"]  # integer layer numbers
     assert read_lens(out).layers == [0, 1, 2, 3, 4]
+    assert read_lens(out).config.training["train_examples_used"] == 32  # 4 steps of 8
     assert read_lens(out).config.training["data"] == str(prompts)
 
     results = tmp_path / "results"

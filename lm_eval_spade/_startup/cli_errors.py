@@ -2,18 +2,22 @@
 
 lm-eval's CLI lets every exception out with its traceback. For this package's
 `UserInputError` (bad spade-exit model_args, a damaged lens, missing local data, ...) the
-message already names the problem and the fix, so `HarnessCLI.execute` prints it as
-argparse prints a usage error (`lm_eval: error: ...`, exit status 2). Every other
-exception is left to lm-eval.
+message already names the problem and the fix, so it is printed as argparse prints a
+usage error (`lm_eval: error: ...`, exit status 2).
+
+This is an exception hook (`sys.excepthook`), not a wrapper around lm-eval's code: an
+exception that is not ours reaches the previous hook untouched, and its traceback holds no
+frame of this package, so a bug report about lm-eval (say, under `--model hf`) does not
+point here. `guarded` does the same for code that runs part of the command in-process.
 """
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType, TracebackType
+from typing import Any, NoReturn
 
 from lm_eval_spade.errors import UserInputError
 
@@ -32,25 +36,32 @@ def close_progress_bars() -> None:
         bar.close()
 
 
+def _exit_with(error: UserInputError) -> NoReturn:
+    close_progress_bars()
+    print(f"{_program()}: error: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def guarded(run: Callable[[], Any]) -> Any:
     """`run()`, with this package's input errors turned into one line and status 2."""
     try:
         return run()
     except UserInputError as err:
-        close_progress_bars()
-        print(f"{_program()}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _exit_with(err)
 
 
-def install(harness_module: Any) -> None:
-    cls = harness_module.HarnessCLI
-    if getattr(cls.execute, "_spade_errors", False):
+def install(_harness: ModuleType) -> None:
+    """Run once lm-eval's CLI module loads, i.e. in the `lm_eval` command."""
+    if getattr(sys.excepthook, "_spade_errors", False):
         return
-    original = cls.execute
+    previous = sys.excepthook
 
-    @functools.wraps(original)
-    def execute(self: Any, args: Any) -> None:
-        guarded(lambda: original(self, args))
+    def excepthook(
+        kind: type[BaseException], error: BaseException, traceback: TracebackType | None
+    ) -> None:
+        if isinstance(error, UserInputError):
+            _exit_with(error)
+        previous(kind, error, traceback)
 
-    execute._spade_errors = True  # type: ignore[attr-defined]
-    cls.execute = execute
+    excepthook._spade_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = excepthook

@@ -13,8 +13,11 @@ once each has run, applies this package's addition to it:
   (`lm_eval_spade.tasks.offline`);
 - `lm_eval.tasks.manager`: the package's task folder next to lm-eval's own
   (`lm_eval_spade.tasks.configs`);
-- `lm_eval._cli.harness`: this package's input errors end the command with one line
-  (`lm_eval_spade._startup.cli_errors`);
+- `lm_eval._cli.harness` (the `lm_eval` command): this package's input errors end the
+  command with one line (`lm_eval_spade._startup.cli_errors`);
+- `lm_eval.utils`: `make_table` follows spade-exit's results table with its exit table
+  (`lm_eval_spade._startup.lm_eval_output`), and `setup_logging` gives this package's
+  log lines lm-eval's format and level (`lm_eval_spade.logs`);
 - `lm_eval.api.model`: `--use_cache` keeps spade-exit's answers apart per setting, with
   their exits (`lm_eval_spade.answer_cache`).
 """
@@ -41,34 +44,39 @@ def register_models(registry_module: ModuleType) -> None:
     import lm_eval.models  # noqa: F401
 
 
-def _call(target: str, module: ModuleType) -> None:
-    module_name, function = target.split(":")
-    getattr(importlib.import_module(module_name), function)(module)
+def _call(targets: tuple[str, ...], module: ModuleType) -> None:
+    for target in targets:
+        module_name, function = target.split(":")
+        getattr(importlib.import_module(module_name), function)(module)
 
 
 #: lm-eval module -> what to run on it once it has been executed.
 AFTER_LOAD = {
-    "lm_eval.api.registry": "lm_eval_spade._startup.hook:register_models",
-    "lm_eval.api.task": "lm_eval_spade.tasks.offline:install",
-    "lm_eval.tasks.manager": "lm_eval_spade.tasks.configs:install",
-    "lm_eval._cli.harness": "lm_eval_spade._startup.cli_errors:install",
-    "lm_eval.api.model": "lm_eval_spade.answer_cache:install",
+    "lm_eval.api.registry": ("lm_eval_spade._startup.hook:register_models",),
+    "lm_eval.api.task": ("lm_eval_spade.tasks.offline:install",),
+    "lm_eval.tasks.manager": ("lm_eval_spade.tasks.configs:install",),
+    "lm_eval._cli.harness": ("lm_eval_spade._startup.cli_errors:install",),
+    "lm_eval.utils": (
+        "lm_eval_spade._startup.lm_eval_output:install_exit_table",
+        "lm_eval_spade.logs:follow_lm_eval_logging",
+    ),
+    "lm_eval.api.model": ("lm_eval_spade.answer_cache:install",),
 }
 
 
 class _RunAfterLoad(importlib.abc.Loader):
     """Wraps a module's real loader and applies our addition once the module has run."""
 
-    def __init__(self, wrapped: importlib.abc.Loader, target: str) -> None:
+    def __init__(self, wrapped: importlib.abc.Loader, targets: tuple[str, ...]) -> None:
         self._wrapped = wrapped
-        self._target = target
+        self._targets = targets
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._wrapped.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self._wrapped.exec_module(module)
-        _call(self._target, module)
+        _call(self._targets, module)
 
 
 class _LmEvalFinder(importlib.abc.MetaPathFinder):
@@ -89,9 +97,9 @@ class _LmEvalFinder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Apply each addition now where lm-eval's module is already imported, else later."""
-    for name, target in AFTER_LOAD.items():
+    for name, targets in AFTER_LOAD.items():
         if name in sys.modules:
-            _call(target, sys.modules[name])
+            _call(targets, sys.modules[name])
     if not any(isinstance(f, _LmEvalFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _LmEvalFinder())
 

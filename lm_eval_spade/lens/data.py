@@ -46,7 +46,9 @@ def load_texts(
     if path.suffix in {".jsonl", ".txt"} or path.exists():
         texts = _from_file(path)
     else:
-        texts = _from_task(source, documents=documents, split=split, include_path=include_path)
+        texts = _from_task(
+            source, documents=documents, split=split, include_path=include_path, limit=limit
+        )
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise LensDataError(f"{source} ({split}) holds no non-empty text to train on.")
@@ -126,24 +128,30 @@ def _split_docs(task: Any, split: str) -> Iterable[dict]:
 
 
 def task_examples(
-    source: str, split: str = "train", include_path: str | None = None
+    source: str, split: str = "train", include_path: str | None = None, limit: int | None = None
 ) -> list[tuple[str, str]]:
     """`(context, gold continuation)` for each document of a task's split, both rendered
     by lm-eval itself (zero-shot context; the continuation starts with the task's target
-    delimiter), as lm-eval scores them."""
+    delimiter), as lm-eval scores them. With `limit`, the first `limit` only: rendering
+    a whole training split takes seconds that a short run should not wait for."""
     examples: list[tuple[str, str]] = []
     for task in _tasks(source, include_path):
         for doc in _split_docs(task, split):
+            if limit is not None and len(examples) >= limit:
+                break
             context = task.fewshot_context(doc, num_fewshot=0)
             gold = _gold_continuation(task, doc)
             contexts = context if isinstance(context, list) else [context]
             examples.extend((c, gold) for c in contexts)
+    examples = examples[:limit]
     logger.info("%s (%s): %d examples", source, split, len(examples))
     return examples
 
 
-def _from_task(source: str, *, documents: bool, split: str, include_path: str | None) -> list[str]:
-    examples = task_examples(source, split, include_path)
+def _from_task(
+    source: str, *, documents: bool, split: str, include_path: str | None, limit: int | None
+) -> list[str]:
+    examples = task_examples(source, split, include_path, limit)
     return [c + g if documents else c for c, g in examples]
 
 

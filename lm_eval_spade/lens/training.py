@@ -98,6 +98,10 @@ class TrainedLens:
     report: pd.DataFrame  # per layer: KL before (logit lens) and after training
     losses: list[float] = field(default_factory=list)
 
+    def kl_table(self) -> str:
+        """The report as markdown; layers stay integers (pandas would print `3.0000`)."""
+        return self.report.astype({"layer": object}).to_markdown(index=False, floatfmt=".4f")
+
 
 @contextmanager
 def _frozen(model: torch.nn.Module):
@@ -129,16 +133,21 @@ class TargetSource:
         ids: list[list[int]],
         layers: list[int],
         progress: bool,
+        used: list[int] | None = None,
     ) -> None:
+        """`used`: the examples training will ask for (default: all); only their targets
+        are made, so a short run on a large split does not wait for the whole split."""
         self.arch, self.config, self.ids, self.layers = arch, config, ids, layers
-        self.cache: list[Targets] | None = None
+        self.used = list(range(len(ids))) if used is None else sorted(set(used))
+        self.cache: dict[int, Targets] | None = None
         need = self._estimate_bytes()
         if need <= config.cache_mb * 2**20:
-            self.cache = []
-            starts = range(0, len(ids), config.batch_size)
+            self.cache = {}
+            starts = range(0, len(self.used), config.batch_size)
             for start in tqdm(starts, desc="making targets", disable=not progress):
-                batch = ids[start : start + config.batch_size]
-                self.cache += make_targets(arch, config, batch, layers).per_example()
+                chunk = self.used[start : start + config.batch_size]
+                made = make_targets(arch, config, [ids[i] for i in chunk], layers)
+                self.cache.update(zip(chunk, made.per_example(), strict=True))
         else:
             logger.info(
                 "targets need %.0f MiB > cache_mb=%d: making them at every step",
@@ -149,8 +158,8 @@ class TargetSource:
     def _estimate_bytes(self) -> int:
         d, vocab = self.arch.hidden_size, int(self.arch.lm_head.weight.shape[0])
         if self.config.kind is LensKind.LSPADE:
-            return 4 * len(self.ids) * len(self.layers) * (d + vocab)
-        tokens = sum(len(row) for row in self.ids)
+            return 4 * len(self.used) * len(self.layers) * (d + vocab)
+        tokens = sum(len(self.ids[i]) for i in self.used)
         return 4 * tokens * (len(self.layers) * d + vocab)
 
     def batch(self, indices: list[int]) -> Targets:
@@ -183,6 +192,18 @@ def evaluate_kl(
         for layer in layers:
             totals[layer] += float(_kl(arch, lens, targets, layer))
     return {layer: total / max(count, 1) for layer, total in totals.items()}
+
+
+def batch_order(n: int, steps: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """The examples of every step: epochs of seeded permutations, cut into batches."""
+    order: list[int] = []
+    batches = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(n, generator=generator).tolist()
+        batches.append(order[:batch_size])
+        order = order[batch_size:]
+    return batches
 
 
 def _split(
@@ -232,15 +253,19 @@ def train_lens(
         )
 
     losses: list[float] = []
-    order: list[int] = []
+    batches = batch_order(len(train_ids), config.steps, config.batch_size, generator)
+    used = sorted({i for batch in batches for i in batch})
+    if len(used) < len(train_ids):
+        logger.info(
+            "%d steps of %d examples use %d of the %d training examples; targets are made "
+            "for those only (more --steps use more)",
+            config.steps, config.batch_size, len(used), len(train_ids),
+        )  # fmt: skip
     with _frozen(model):
         before = evaluate_kl(arch, None, config, eval_ids, layers) if eval_ids else {}
-        source = TargetSource(arch, config, train_ids, layers, progress)
-        bar = tqdm(range(config.steps), desc=f"train {config.kind.value}", disable=not progress)
-        for step in bar:
-            if len(order) < config.batch_size:
-                order += torch.randperm(len(train_ids), generator=generator).tolist()
-            batch, order = order[: config.batch_size], order[config.batch_size :]
+        source = TargetSource(arch, config, train_ids, layers, progress, used)
+        bar = tqdm(batches, desc=f"train {config.kind.value}", disable=not progress)
+        for step, batch in enumerate(bar):
             targets = source.batch(batch)
             loss = sum(_kl(arch, lens, targets, layer) for layer in layers) / targets.positions
             optimizer.zero_grad(set_to_none=True)
@@ -264,6 +289,7 @@ def train_lens(
     lens.config.training = {
         **(data_info or {}),
         "train_examples": len(train_ids),
+        "train_examples_used": len(used),
         "eval_examples": len(eval_ids),
         "settings": config.to_dict(),
         "final_train_kl": losses[-1] if losses else None,
