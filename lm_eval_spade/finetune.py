@@ -136,6 +136,24 @@ def _batch(
     }
 
 
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The causal LM loss of the labelled (answer) tokens, as `model(**batch).loss`, with the
+    LM head run only at the positions that predict them.
+
+    A 49K-token head over every position of a long passage costs as much as several
+    blocks and holds a `[batch, length, vocab]` tensor, for one answer token per row.
+    """
+    labels = batch["labels"]
+    targets = labels[:, 1:]  # position t predicts token t + 1
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+    ).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=-100
+    )
+
+
 def finetune(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -177,7 +195,9 @@ def finetune(
         if len(order) < config.batch_size:
             order += torch.randperm(len(encoded), generator=generator).tolist()
         batch, order = order[: config.batch_size], order[config.batch_size :]
-        loss = peft_model(**_batch([encoded[i] for i in batch], config.max_length, device)).loss
+        loss = answer_loss(
+            peft_model, _batch([encoded[i] for i in batch], config.max_length, device)
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         with optimiser_step(step + 1, config.steps, config.lr):

@@ -9,12 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers as T
 from lmutil import DATA, STORIES, arc_requests, make_lm
 
 from lm_eval_spade.finetune import (
     FinetuneConfig,
     FinetuneError,
+    _batch,
+    answer_loss,
     encode_example,
     finetune_task,
     loss_summary,
@@ -145,3 +148,14 @@ def test_finetune_command(tmp_path):
         "lm-eval-spade finetune: error: argument --rank: 0 is not valid: it must be a whole "
         "number >= 1"
     )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox"])
+def test_answer_loss_equals_the_models_own_loss(family, tiny_models):
+    """The head only where answers are predicted gives the loss of the full logits."""
+    model = T.AutoModelForCausalLM.from_pretrained(tiny_models[family])
+    tokenizer = T.AutoTokenizer.from_pretrained(tiny_models[family])
+    examples = [("Once upon a time", " there was"), ("Lily and her mom went to the", " park")]
+    batch = _batch([encode_example(tokenizer, c, g) for c, g in examples], 64, torch.device("cpu"))
+    want = model(**batch).loss
+    assert float(answer_loss(model, batch)) == pytest.approx(float(want), abs=1e-5)

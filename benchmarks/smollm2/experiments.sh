@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 # on ARC-Easy + ARC-Challenge train (lm-eval's ai2_arc tag), as the paper's "ARC".
 declare -A TRAIN=([arc]=ai2_arc [boolq]=boolq [headqa]=headqa_en)
 declare -A EVAL=([arc]="arc_easy arc_challenge" [boolq]=boolq [headqa]=headqa_en)
-declare -A STEPS=([arc]=421 [boolq]=246 [headqa]=332)  # 1 epoch; BoolQ (981 docs) 2
+declare -A STEPS=([arc]=421 [boolq]=123 [headqa]=332)  # one epoch of 8 documents a step
 LIMIT=${LIMIT:-300}            # test questions per task in the sweeps
 # The start token: SmolLM2's tokenizer adds none; <|endoftext|> (id 0), its pretraining
 # document separator, decoded ARC-Easy Dev better than its BOS <|im_start|> (id 1):
