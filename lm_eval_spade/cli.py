@@ -29,6 +29,10 @@ def _demo(args: argparse.Namespace) -> None:
         limit=args.limit,
         real_threshold=args.real_threshold,
         overwrite=args.overwrite,
+        real_tasks=tuple(args.real_tasks),
+        peft=args.peft,
+        lens=args.lens,
+        prefix_token_id=args.prefix_token_id,
     )
     print(demo.summary(demo.run(config)))
 
@@ -477,9 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
             "Runs the real `lm_eval` command on the shipped calibration model and task "
             "(spade_calibration): `hf` at full depth, then spade-exit with SPADE-EXIT "
             "(L-SPADE entropy below --threshold). With --data-dir (ARC/BoolQ/HeadQA release "
-            "files) and --model, it also trains L-SPADE translators for that model on ARC-Easy "
-            "training prompts and runs SPADE-EXIT on arc_easy_spade, boolq_spade and "
-            "headqa_en_spade. Prints lm-eval's tables, then accuracy with exit statistics."
+            "files) and --model, it also runs that model (with --peft, its LoRA adapter) on "
+            "real prompts: hf at full depth, then SPADE-EXIT with --lens (or L-SPADE "
+            "translators trained now on ARC-Easy training prompts); where spade-exit's start "
+            "token makes its input differ from hf's, also a full-depth run on the same tokens. "
+            "Prints lm-eval's tables, then accuracy with exit statistics and each run's wall "
+            "clock (loading included) against hf's."
         ),
     )
     add = demo.add_argument
@@ -492,6 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="documents per real task (default: %(default)s)")  # fmt: skip
     add("--real-threshold", type=values.nats, default=2.0,
         help="SPADE-EXIT threshold on the real tasks, nats (default: %(default)s)")  # fmt: skip
+    add("--real-tasks", nargs="+", default=["arc_easy_spade", "boolq_spade", "headqa_en_spade"],
+        help="tasks for the real model (default: %(default)s)")  # fmt: skip
+    add("--peft", help="LoRA adapter for the real model (lm-eval-spade finetune output)")
+    add("--lens", help="L-SPADE lens for the real model (default: train one now)")
+    add(
+        "--prefix-token-id",
+        type=values.index,
+        help="spade-exit's start token for the real model (its prefix_token_id model_arg)",
+    )
     _add_overwrite(demo, "demo folder")
     demo.set_defaults(run=_demo)
     _add_calibrate(commands)
