@@ -282,11 +282,21 @@ def _layer_figures(main: pd.DataFrame, out: Path) -> list[Path]:
     return files
 
 
+def _mark_chosen(ax, chosen: pd.DataFrame, x: str) -> None:
+    """A star for each threshold `choose-threshold` chose (its results file's point)."""
+    for _, point in chosen.iterrows():
+        label = f"{point['series']}: T={point['threshold']:g}"
+        ax.scatter(point[x], point["value"], marker="*", s=260, color="crimson", zorder=5,
+                   edgecolor="black", linewidth=0.5, label=label)  # fmt: skip
+
+
 def _exit_figure(main: pd.DataFrame, hue: str, legend: str, title: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     tasks = sorted(main["task"].unique())
+    is_chosen = main["chosen"].eq(True) if "chosen" in main else pd.Series(False, main.index)
+    chosen, main = main[is_chosen], main[~is_chosen]
     order = sorted(main[hue].dropna().unique(), key=lambda s: (not str(s).startswith("SPADE"), s))
     axes_x = [
         ("mean_exit_layer", "mean exit layer (blocks run)"),
@@ -303,6 +313,7 @@ def _exit_figure(main: pd.DataFrame, hue: str, legend: str, title: str, path: Pa
                 ax=ax,
             )  # fmt: skip
             _full_model_line(ax, group[group.get("decoder", "") == "spade"])
+            _mark_chosen(ax, chosen[chosen["task"] == task], x)
             ax.set(title=task, xlabel=xlabel, ylabel=_label(group["metric"].iloc[0]))
             ax.legend(title=legend, fontsize="small")
     fig.suptitle(title)
