@@ -449,7 +449,7 @@ def _choose_threshold(args: argparse.Namespace) -> None:
         eval_tasks=args.eval_tasks or [],
     )
     choice = run_choose_threshold(settings, config)
-    print(describe(choice, config))
+    print(describe(choice, settings, config))
     print("wrote " + ", ".join(str(f) for f in choice.files))
 
 

@@ -234,9 +234,12 @@ def score_tasks(
     scorer: Scorer, names: list[str], split: str | None, limit: float | None, metric: str
 ) -> dict[str, Scored]:
     """Each task's questions (its `split`, or lm-eval's evaluation split) scored once."""
-    task_dict = scorer.load_tasks(names, split)
+    task_dict = scorer.load_tasks(names, None)
     tasks = task_dict["tasks"]
-    answers = MultipleChoice(tasks, metric)
+    answers = MultipleChoice(tasks, metric)  # multiple-choice tasks only
+    if split is not None:
+        for task in tasks.values():
+            task_on_split(task, split)
     settings = replace(scorer.settings, tasks=names, limit=limit)
     results = evaluate_setting(scorer.table, scorer.full_depth(), task_dict, settings)
     records = scorer.table.take()
@@ -348,6 +351,23 @@ class Choice:
         return None if self.chosen is None else self.calibration.loc[self.chosen]
 
 
+def lm_eval_model_args(settings: SweepSettings, spade: dict[str, Any]) -> str:
+    """spade-exit's `--model_args` for the `lm_eval` command: the device goes to its own
+    `--device` flag (the command's default, cuda:0, would clash with a device here)."""
+    args = settings.model_args_string(spade).split(",")
+    return ",".join(a for a in args if not a.startswith("device="))
+
+
+def lm_eval_command(settings: SweepSettings, config: ChooseConfig, model_args: str) -> str:
+    device = settings.hf_args().get("device", "cpu")
+    tasks = " ".join(config.eval_tasks or [config.task or "TASK"])
+    include = f" --include_path {settings.include_path}" if settings.include_path else ""
+    return (
+        f"lm_eval --model spade-exit --model_args {model_args} --device {device} "
+        f"--tasks {tasks}{include}"
+    )
+
+
 def run_choose_threshold(settings: SweepSettings, config: ChooseConfig) -> Choice:
     scorer = build_scorer(settings, config)
     config.thresholds = sorted(set(config.thresholds))  # most cautious first
@@ -369,7 +389,7 @@ def run_choose_threshold(settings: SweepSettings, config: ChooseConfig) -> Choic
     if threshold is not None:
         rule = scorer.threshold_exit(threshold)
         fragment = ",".join(f"{k}={v}" for k, v in rule.settings().items())
-        model_args = settings.model_args_string(rule.settings())
+        model_args = lm_eval_model_args(settings, rule.settings())
     evaluation = {}
     histograms = {}
     if chosen is not None:
@@ -457,6 +477,7 @@ def write_outputs(scorer: Scorer, choice: Choice) -> list[Path]:
             "threshold": json_number(choice.threshold),
             "model_args": choice.model_args,
             "model_args_fragment": choice.fragment,
+            "lm_eval_command": lm_eval_command(settings, config, str(choice.model_args)),
             **{k: json_number(v) for k, v in row.items() if k != "threshold"},
             "exit_layer_histogram": choice.histograms["calibration"],
         },
@@ -544,7 +565,7 @@ def _point(row: pd.Series) -> str:
     return ", ".join(parts)
 
 
-def describe(choice: Choice, config: ChooseConfig) -> str:
+def describe(choice: Choice, settings: SweepSettings, config: ChooseConfig) -> str:
     """The command's output: the choice, how to use it, the candidates, the evaluation."""
     n = int(choice.calibration["questions"].iloc[0])
     lines = [
@@ -562,7 +583,7 @@ def describe(choice: Choice, config: ChooseConfig) -> str:
             f"model's on at most {config.max_drop:g} of questions drawn like these.",
             f"on the calibration questions: {_point(row)}",
             f"--model_args fragment: {choice.fragment}",
-            f"lm_eval --model spade-exit --model_args {choice.model_args}",
+            lm_eval_command(settings, config, str(choice.model_args)),
         ]
     if choice.shortfall:
         lines.append(choice.shortfall[0].upper() + choice.shortfall[1:])

@@ -304,17 +304,19 @@ def _exit_figure(main: pd.DataFrame, hue: str, legend: str, title: str, path: Pa
     ]
     fig, axes = plt.subplots(2, len(tasks), figsize=(max(7, 5 * len(tasks)), 8), squeeze=False)
     for col, task in enumerate(tasks):
-        group = main[main["task"] == task]
+        group, marked = main[main["task"] == task], chosen[chosen["task"] == task]
         for row, (x, xlabel) in enumerate(axes_x):
             ax = axes[row][col]
-            sns.lineplot(
-                data=group.sort_values(x), x=x, y="value", hue=hue, style=hue,
-                hue_order=order, style_order=order, markers=True, dashes=False, sort=False,
-                ax=ax,
-            )  # fmt: skip
+            if len(group):  # a chosen threshold's folder alone has its star only
+                sns.lineplot(
+                    data=group.sort_values(x), x=x, y="value", hue=hue, style=hue,
+                    hue_order=order, style_order=order, markers=True, dashes=False,
+                    sort=False, ax=ax,
+                )  # fmt: skip
             _full_model_line(ax, group[group.get("decoder", "") == "spade"])
-            _mark_chosen(ax, chosen[chosen["task"] == task], x)
-            ax.set(title=task, xlabel=xlabel, ylabel=_label(group["metric"].iloc[0]))
+            _mark_chosen(ax, marked, x)
+            metric = pd.concat([group, marked])["metric"].iloc[0]
+            ax.set(title=task, xlabel=xlabel, ylabel=_label(metric))
             ax.legend(title=legend, fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
