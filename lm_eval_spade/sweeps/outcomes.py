@@ -176,3 +176,27 @@ def outcomes(
         question,
         list(groups),
     )
+
+
+def concatenate(parts: Sequence[Outcomes], labels: Sequence[str]) -> Outcomes:
+    """The questions of several passes (e.g. two splits of a task) as one set; each
+    question's key gets its part's label first, since document ids repeat across splits."""
+    first = parts[0]
+    for part in parts[1:]:
+        if not np.array_equal(part.thresholds, first.thresholds):
+            raise ValueError("outcomes of different candidate thresholds cannot be joined")
+    labelled = all(p.correct is not None for p in parts)
+    offsets = np.cumsum([0, *(p.questions for p in parts[:-1])])
+    return Outcomes(
+        first.thresholds,
+        np.concatenate([p.disagree for p in parts]),
+        np.concatenate([p.correct for p in parts]) if labelled else None,
+        np.concatenate([p.full_correct for p in parts]) if labelled else None,
+        np.concatenate([p.exit_layers for p in parts]),
+        np.concatenate([p.passes for p in parts]),
+        np.concatenate([p.requests for p in parts]),
+        np.concatenate([p.passes_full for p in parts]),
+        np.concatenate([p.request_layers for p in parts]),
+        np.concatenate([p.request_question + o for p, o in zip(parts, offsets, strict=True)]),
+        [(label, *key) for p, label in zip(parts, labels, strict=True) for key in p.keys],
+    )
