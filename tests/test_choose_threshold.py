@@ -7,8 +7,6 @@ predicted for that threshold there.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -17,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lmutil import DATA
+from lmutil import DATA, run_cli
 
 from lm_eval_spade import calibration
 from lm_eval_spade.calibration.task import TaskSpec, prompt, split_items
@@ -26,13 +24,6 @@ from lm_eval_spade.tasks import offline
 
 TASK = calibration.TASK
 LIMIT = "120"
-
-
-def run_cli(*argv: str) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        main(list(argv))
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
