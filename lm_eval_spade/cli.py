@@ -497,7 +497,9 @@ def _add_choose_threshold(commands) -> None:
     add("--metric", default="acc", choices=["acc", "acc_norm"],
         help="whose answer counts: acc's largest loglikelihood or acc_norm's per character "
         "(default: %(default)s)")  # fmt: skip
-    add("--limit", type=float, help="calibration questions (lm-eval's --limit)")
+    add("--limit", type=float,
+        help="calibration questions: lm-eval's --limit, the first N documents of the "
+        "split (a random sample only if the split is in random order), or N prompts")  # fmt: skip
     add("--eval-tasks", nargs="+", metavar="TASK",
         help="also report every candidate on these tasks' evaluation splits (as lm_eval "
         "evaluates them)")  # fmt: skip

@@ -66,7 +66,13 @@ class MultipleChoice:
         values = []
         for pick in range(n):
             results = [(0.0 if i == pick else -1e30, i == pick) for i in range(n)]
-            values.append(float(task.process_results(instances[0].doc, results)[self.metric]))
+            metrics = task.process_results(instances[0].doc, results)
+            if self.metric not in metrics:
+                raise SweepError(
+                    f"task {instances[0].task_name} reports {', '.join(metrics)}, not "
+                    f"{self.metric}; pass --metric with one of {', '.join(METRICS)} it reports."
+                )
+            values.append(float(metrics[self.metric]))
         return np.array(values)
 
     def rules(self) -> tuple[Predict, Score]:

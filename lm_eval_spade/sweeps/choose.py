@@ -226,7 +226,6 @@ class Scored:
     results at full depth (a check on the answers counted here)."""
 
     outcomes: Outcomes
-    tasks: dict[str, Any]
     full_depth: dict[str, Any] | None
 
 
@@ -245,10 +244,10 @@ def score_tasks(
     records = scorer.table.take()
     predict, score = answers.rules()
     out = {}
-    for name, task in tasks.items():
+    for name in tasks:
         mine = [r for r in records if r[0].task_name == name]
         found = outcomes(mine, scorer.rule, scorer.config.thresholds, predict, score)
-        out[name] = Scored(found, {name: task}, results["results"].get(name))
+        out[name] = Scored(found, results["results"].get(name))
     return out
 
 
@@ -262,7 +261,7 @@ def score_prompts(scorer: Scorer) -> Scored:
     scorer.table.scores("loglikelihood", requests)
     predict, score = next_token_rules()
     found = outcomes(scorer.table.take(), scorer.rule, scorer.config.thresholds, predict, score)
-    return Scored(found, {}, None)
+    return Scored(found, None)
 
 
 def certify(summary: pd.DataFrame, max_drop: float, risk: float) -> tuple[pd.DataFrame, int | None]:
