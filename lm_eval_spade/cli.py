@@ -457,6 +457,100 @@ def _add_train_lens(commands) -> None:
     export.set_defaults(run=_export_lens)
 
 
+def _choose_threshold(args: argparse.Namespace) -> None:
+    from lm_eval_spade.confidence import Confidence
+    from lm_eval_spade.decoders import DecoderKind, SpadePositions
+    from lm_eval_spade.sweeps.choose import (
+        DEFAULT_THRESHOLDS,
+        ChooseConfig,
+        describe,
+        run_choose_threshold,
+    )
+    from lm_eval_spade.sweeps.settings import SweepSettings
+    from lm_eval_spade.sweeps.spec import parse_thresholds
+
+    settings = SweepSettings(
+        model=args.model, tasks=[args.task] if args.task else [], out=Path(args.out),
+        limit=args.limit, batch_size=args.batch_size, model_args=args.model_args,
+        include_path=args.include_path, spade_positions=SpadePositions(args.spade_positions),
+        bootstrap_iters=args.bootstrap_iters, time_full_depth=False,
+    )  # fmt: skip
+    config = _from_args(
+        ChooseConfig,
+        args,
+        confidence=Confidence(args.confidence),
+        confidence_decoder=args.confidence_decoder and DecoderKind(args.confidence_decoder),
+        thresholds=parse_thresholds(args.thresholds) if args.thresholds else DEFAULT_THRESHOLDS,
+        eval_tasks=args.eval_tasks or [],
+    )
+    choice = run_choose_threshold(settings, config)
+    print(describe(choice, settings, config))
+    print("wrote " + ", ".join(str(f) for f in choice.files))
+
+
+def _add_choose_threshold(commands) -> None:
+    choose = commands.add_parser(
+        "choose-threshold",
+        help="the most aggressive SPADE-EXIT threshold with a guarantee on the accuracy drop",
+        description=(
+            "Scores the calibration questions once at every layer, then tests the candidate "
+            "thresholds from the most cautious to the most aggressive, each with an exact "
+            "binomial p-value for 'the exit's answer differs from the full model's on more "
+            "than --max-drop of questions', and stops at the first that fails (fixed-sequence "
+            "testing, as Learn-then-Test). The last to pass is chosen: with probability at "
+            "least 1 - --risk over the draw of the calibration questions, its disagreement "
+            "rate (which bounds the accuracy drop) is at most --max-drop on questions drawn "
+            "like them. It holds for that distribution only: another task voids it. Prints "
+            "the threshold, the --model_args that use it and a table over the candidates; "
+            "writes OUT/choose_threshold.json and OUT/results/chosen.json (lm-eval results of "
+            "the chosen setting, marked by `lm-eval-spade report`)."
+        ),
+    )
+    add = choose.add_argument
+    add("--model", required=True, help="model directory or hub id")
+    add("--task", help="lm-eval multiple_choice task whose --split is the calibration set")
+    add("--split", default="validation", choices=["train", "validation", "test"],
+        help="the task's split to calibrate on (default: %(default)s)")  # fmt: skip
+    add("--prompts", help="calibrate on a file of prompts instead (.jsonl with a prompt/text "
+        "field, or .txt of blank-line separated prompts): agreement on the next token")  # fmt: skip
+    add("--out", required=True, help="output folder")
+    add("--max-drop", type=float, default=0.01,
+        help="δ: the largest disagreement rate to allow (default: %(default)s)")  # fmt: skip
+    add("--risk", type=float, default=0.1,
+        help="ε: the chance, over the calibration draw, that the guarantee fails "
+        "(default: %(default)s)")  # fmt: skip
+    add("--lens", metavar="DIR", help="confidence lens (train-lens --kind lspade or tuned_lens)")
+    add("--confidence", default="entropy", choices=["entropy", "margin", "maxprob"],
+        help="uncertainty measure (default: %(default)s)")  # fmt: skip
+    add("--confidence-decoder", choices=["lspade", "tuned_lens", "logit_lens"],
+        help="what the uncertainty is computed from (default: the --lens's kind)")  # fmt: skip
+    add("--interval", type=int, default=1, help="check every N blocks (default: %(default)s)")
+    add("--min-layer", type=int, help="first check layer (default: --interval)")
+    add("--thresholds", nargs="+",
+        help="candidate thresholds in nats, fixed before seeing the data (default: 20 per "
+        "decade from 1e-4 to 100, and inf)")  # fmt: skip
+    add("--metric", default="acc", choices=["acc", "acc_norm"],
+        help="whose answer counts: acc's largest loglikelihood or acc_norm's per character "
+        "(default: %(default)s)")  # fmt: skip
+    add("--limit", type=float,
+        help="calibration questions: lm-eval's --limit, the first N documents of the "
+        "split (a random sample only if the split is in random order), or N prompts")  # fmt: skip
+    add("--eval-tasks", nargs="+", metavar="TASK",
+        help="also report every candidate on these tasks' evaluation splits (as lm_eval "
+        "evaluates them)")  # fmt: skip
+    add("--eval-limit", type=float, help="documents per --eval-tasks task")
+    add("--batch-size", type=int, default=16, help="rows per forward (default: %(default)s)")
+    add("--model-args", default="",
+        help="extra HFLM model_args, e.g. peft=ADAPTER_DIR,max_length=1024")  # fmt: skip
+    add("--include-path", help="extra lm-eval task folder")
+    add("--spade-positions", default="original", choices=["original", "compact"],
+        help="position ids of SPADE's pair (default: %(default)s)")  # fmt: skip
+    add("--bootstrap-iters", type=int, default=0,
+        help="lm-eval's bootstrap iterations for the chosen setting's stderr "
+        "(default: %(default)s)")  # fmt: skip
+    choose.set_defaults(run=_choose_threshold)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lm-eval-spade",
@@ -514,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_lens(commands)
     _add_finetune(commands)
     _add_sweeps(commands)
+    _add_choose_threshold(commands)
     return parser
 
 

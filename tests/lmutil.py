@@ -221,3 +221,16 @@ def real_tokenizers() -> dict[str, T.PreTrainedTokenizerBase]:
     core.decoder = decoders.ByteLevel()
     out["gpt_neox"] = T.PreTrainedTokenizerFast(tokenizer_object=core)
     return out
+
+
+def run_cli(*argv: str) -> str:
+    """`lm-eval-spade ARGV...` in this process; what it printed."""
+    import contextlib
+    import io
+
+    from lm_eval_spade.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(list(argv))
+    return out.getvalue()

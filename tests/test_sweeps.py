@@ -7,8 +7,6 @@ and compute fraction.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -16,9 +14,8 @@ from pathlib import Path
 import lm_eval
 import matplotlib.image
 import pytest
-from lmutil import DATA, REPO, STORIES
+from lmutil import DATA, REPO, STORIES, run_cli
 
-from lm_eval_spade.cli import main
 from lm_eval_spade.lens.jobs import DataSpec, train_and_save
 from lm_eval_spade.lens.training import LensTrainConfig
 from lm_eval_spade.lens.translators import LensKind
@@ -46,13 +43,6 @@ def lens(tmp_path_factory, local_data) -> Path:
     config = LensTrainConfig(LensKind.LSPADE, steps=20, batch_size=8)
     train_and_save(str(STORIES), DataSpec(ARC, limit=48), config, out)
     return out
-
-
-def run_cli(*argv: str) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        main(list(argv))
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -385,11 +385,21 @@ def _layer_figures(main: pd.DataFrame, out: Path) -> list[Path]:
     return files
 
 
+def _mark_chosen(ax, chosen: pd.DataFrame, x: str) -> None:
+    """A star for each threshold `choose-threshold` chose (its results file's point)."""
+    for _, point in chosen.iterrows():
+        label = f"{point['series']}: T={point['threshold']:g}"
+        ax.scatter(point[x], point["value"], marker="*", s=260, color="crimson", zorder=5,
+                   edgecolor="black", linewidth=0.5, label=label)  # fmt: skip
+
+
 def _exit_figure(main: pd.DataFrame, hue: str, legend: str, title: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     tasks = sorted(main["task"].unique())
+    is_chosen = main["chosen"].eq(True) if "chosen" in main else pd.Series(False, main.index)
+    chosen, main = main[is_chosen], main[~is_chosen]
     order = sorted(main[hue].dropna().unique(), key=lambda s: (not str(s).startswith("SPADE"), s))
     axes_x = [
         ("mean_exit_layer", "mean exit layer (blocks run)"),
@@ -397,16 +407,19 @@ def _exit_figure(main: pd.DataFrame, hue: str, legend: str, title: str, path: Pa
     ]
     fig, axes = plt.subplots(2, len(tasks), figsize=(max(7, 5 * len(tasks)), 8), squeeze=False)
     for col, task in enumerate(tasks):
-        group = main[main["task"] == task]
+        group, marked = main[main["task"] == task], chosen[chosen["task"] == task]
         for row, (x, xlabel) in enumerate(axes_x):
             ax = axes[row][col]
-            sns.lineplot(
-                data=group.sort_values(x), x=x, y="value", hue=hue, style=hue,
-                hue_order=order, style_order=order, markers=True, dashes=False, sort=False,
-                ax=ax,
-            )  # fmt: skip
+            if len(group):  # a chosen threshold's folder alone has its star only
+                sns.lineplot(
+                    data=group.sort_values(x), x=x, y="value", hue=hue, style=hue,
+                    hue_order=order, style_order=order, markers=True, dashes=False,
+                    sort=False, ax=ax,
+                )  # fmt: skip
             _full_model_line(ax, group[group.get("decoder", "") == "spade"])
-            ax.set(title=task, xlabel=xlabel, ylabel=_label(group["metric"].iloc[0]))
+            _mark_chosen(ax, marked, x)
+            metric = pd.concat([group, marked])["metric"].iloc[0]
+            ax.set(title=task, xlabel=xlabel, ylabel=_label(metric))
             ax.legend(title=legend, fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()

@@ -85,14 +85,15 @@ class SweepSettings:
         return data
 
 
-def load_tasks(names: list[str], include_path: str | None) -> dict:
+def load_tasks(names: list[str], include_path: str | None, manager: Any = None) -> dict:
     """lm-eval's task dict for `names` (tasks, groups or tags), with a clear error for
-    names lm-eval does not know."""
+    names lm-eval does not know. Pass a `TaskManager` to reuse its index (building one
+    reads every task file lm-eval has)."""
     from lm_eval.tasks import TaskManager
 
     if not names:
         raise SweepError("no tasks given: --tasks NAME [NAME ...] (lm-eval task names).")
-    manager = TaskManager(include_path=include_path)
+    manager = manager or TaskManager(include_path=include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise SweepError(

@@ -127,6 +127,16 @@ def series_for(lens_name: str, lens_kind: DecoderKind, baselines: bool) -> list[
     return out
 
 
+def check_lens_covers(lm: LayerwiseLM, lens_name: str, lens_path: str, checks: tuple[int, ...]):
+    """Every check layer needs a translator of the confidence lens."""
+    missing = sorted(set(checks) - set(lm.lenses[lens_name].layers))
+    if missing:
+        raise SweepError(
+            f"the lens at {lens_path} has no translators for check layers {missing}; train "
+            "one that covers them, or change --interval / --min-layer."
+        )
+
+
 def run_threshold_sweep(settings: SweepSettings, config: ThresholdSweepConfig) -> SweepOutcome:
     if config.lens is None:
         raise SweepError(
@@ -158,12 +168,7 @@ def _threshold_sweep(
         **settings.hf_args(),
     )
     checks = check_schedule(lm.layout.num_layers, config.interval, config.min_layer)
-    missing = sorted(set(checks) - set(lm.lenses[lens_name].layers))
-    if missing:
-        raise SweepError(
-            f"the lens at {lens_path} has no translators for check layers {missing}; train "
-            "one that covers them, or change --interval / --min-layer."
-        )
+    check_lens_covers(lm, lens_name, lens_path, checks)
     points = []
     for s in series:
         path = lens_path if s.signal.source.kind.needs_lens else None

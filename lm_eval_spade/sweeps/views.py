@@ -115,6 +115,17 @@ class ScoreTable:
         self.cost.parts = dict(lm.timer)
 
 
+def deciders(scores: Sequence[RequestScores]) -> list[RequestScores]:
+    """The request whose uncertainty decides each request's exit: the first-scored row of
+    its context (so every choice of a question exits together, as in `exiting.py`);
+    rolling documents (no context) decide alone."""
+    first: dict[tuple[int, ...], RequestScores] = {}
+    for s in scores:
+        if s.context is not None and (s.context not in first or s.order < first[s.context].order):
+            first[s.context] = s
+    return [s if s.context is None else first[s.context] for s in scores]
+
+
 class Rule(Protocol):
     """Which column answers each request, and what that exit cost."""
 
@@ -167,14 +178,8 @@ class ThresholdExit:
                 "windows; raise max_length in --model-args above the longest document."
             )
         s_index = self.layout.signals.index(self.signal)
-        deciders: dict[tuple[int, ...] | None, RequestScores] = {}
-        for s in scores:
-            first = deciders.get(s.context)
-            if first is None or s.order < first.order:
-                deciders[s.context] = s
         out = []
-        for s in scores:
-            decider = s if s.context is None else deciders[s.context]
+        for s, decider in zip(scores, deciders(scores), strict=True):
             u = decider.uncertainty[s_index]
             exit = next((k for k in self.checks if float(u[k]) <= self.threshold), None)
             made = [k for k in self.checks if exit is None or k <= exit]
