@@ -278,7 +278,9 @@ class SpadeExitLM(HFLM):
     def _check_lens_start_token(self, lens: Lens) -> None:
         """A lens trained on examples that began with another start token still loads,
         but its translators saw other states; say so."""
-        settings = lens.config.training.get("settings") or {}
+        settings = lens.config.training.get("settings")
+        if not settings:  # not trained here (an untrained lens, or tuned-lens's format)
+            return
         trained = start_token_id(self.tokenizer, settings.get("prefix_token_id"))
         if self._keeps_start and trained != self.prefix_token_id:
             logger.warning(

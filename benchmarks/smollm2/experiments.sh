@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/smollm2/experiments.sh [STAGE ...]     (default: every stage)
 #
-# Stages: start finetune lenses layers thresholds transfer base. Each step skips an output
+# Stages: start finetune accuracy arc boolq headqa reverse base (in order of priority). Each step skips an output
 # that is already there, so an interrupted run resumes; each logs its wall clock to
 # runs/smollm2/times.tsv. Outputs go to runs/smollm2/ (ignored by git); what is kept is
 # copied to results/smollm2/ by hand, with this script as the record of what made it.
@@ -22,7 +22,6 @@ mkdir -p "$OUT"
 # Tasks: lm-eval's own cloze ARC and HeadQA, one-token BoolQ. The ARC adapter is trained
 # on ARC-Easy + ARC-Challenge train (lm-eval's ai2_arc tag), as the paper's "ARC".
 declare -A TRAIN=([arc]=ai2_arc [boolq]=boolq [headqa]=headqa_en)
-declare -A EVAL=([arc]="arc_easy arc_challenge" [boolq]=boolq [headqa]=headqa_en)
 declare -A STEPS=([arc]=421 [boolq]=123 [headqa]=332)  # one epoch of 8 documents a step
 LIMIT=${LIMIT:-300}            # test questions per task in the sweeps
 # The start token: SmolLM2's tokenizer adds none; <|endoftext|> (id 0), its pretraining
@@ -58,66 +57,104 @@ finetune() {
   done
 }
 
-lenses() {  # L-SPADE and tuned lens of each fine-tuned model, on its own task's train split
-  for m in arc boolq headqa; do
-    for kind in lspade tuned_lens; do
-      step "lens-$m-$kind" "$OUT/lenses/$m-$kind" $SPADE train-lens --model "$MODEL" \
-        --peft "$OUT/adapters/$m" --kind $kind --data "${TRAIN[$m]}" --steps 300 \
-        --batch-size 16 --lr 1e-3 --seed 0 --prefix-token-id $START --out "$OUT/lenses/$m-$kind"
-    done
-  done
+# Lenses cover layers 12-29 (from L/2 - 3): SPADE-EXIT checks from layer 12, and below it
+# every decoder is at chance on these tasks (results/smollm2/start_token.md), while making
+# SPADE targets for the lower layers would cost most of the training time.
+LENS_LAYERS=$(seq -s ' ' 12 29)
+
+lens() {  # lens MODEL KIND DATA NAME: a lens of the fine-tuned MODEL trained on DATA's prompts
+  local m=$1 kind=$2 data=$3 name=$4 steps=200 batch=16
+  if [ "$kind" = tuned_lens ]; then steps=100; batch=8; fi  # a head per position: costlier
+  step "lens-$name" "$OUT/lenses/$name" $SPADE train-lens --model "$MODEL" \
+    --peft "$OUT/adapters/$m" --kind "$kind" --data "$data" --layers $LENS_LAYERS \
+    --steps $steps --batch-size $batch --lr 1e-3 --seed 0 --prefix-token-id $START \
+    --out "$OUT/lenses/$name"
 }
 
-layers() {  # figures 3/4/7: every decoder at every layer, each fine-tuned model on its tasks
-  for m in arc boolq headqa; do
-    step "layers-$m" "$OUT/layers-$m" $SPADE sweep layers --model "$MODEL" \
-      --model-args "prefix_token_id=$START,peft=$OUT/adapters/$m" --tasks ${EVAL[$m]} --limit "$LIMIT" \
-      --lens "$OUT/lenses/$m-lspade" "$OUT/lenses/$m-tuned_lens" --out "$OUT/layers-$m"
-  done
+SPADE_ARGS="prefix_token_id=$START"
+
+choose() {  # the main job's threshold: choose-threshold on ARC-Easy validation (570)
+  step "choose-arc" "$OUT/choose-arc" $SPADE choose-threshold --model "$MODEL" \
+    --model-args "$SPADE_ARGS,peft=$OUT/adapters/arc" --task arc_easy --split validation \
+    --lens "$OUT/lenses/arc-lspade" --min-layer 12 --eval-tasks arc_easy \
+    --eval-limit "$LIMIT" --out "$OUT/choose-arc"
 }
 
 thresholds() {  # figure 5: SPADE-EXIT against static exits, logit-lens entropy, top-2 margin
-  for m in arc boolq headqa; do
-    step "thresholds-$m" "$OUT/thresholds-$m" $SPADE sweep thresholds --model "$MODEL" \
-      --model-args "prefix_token_id=$START,peft=$OUT/adapters/$m" --tasks ${EVAL[$m]} --limit "$LIMIT" \
-      --lens "$OUT/lenses/$m-lspade" --thresholds $THRESHOLDS --out "$OUT/thresholds-$m"
-  done
-  # The main job's threshold is chosen on ARC-Easy's validation split, never on test.
-  step "thresholds-arc-dev" "$OUT/thresholds-arc-dev" $SPADE sweep thresholds \
-    --model "$MODEL" --model-args "prefix_token_id=$START,peft=$OUT/adapters/arc" --tasks arc_easy_dev \
-    --include-path "$TASKS_DIR" --lens "$OUT/lenses/arc-lspade" --thresholds $THRESHOLDS \
-    --no-baselines --out "$OUT/thresholds-arc-dev"
+  local m=$1 tasks=$2
+  step "thresholds-$m" "$OUT/thresholds-$m" $SPADE sweep thresholds --model "$MODEL" \
+    --model-args "$SPADE_ARGS,peft=$OUT/adapters/$m" --tasks $tasks --limit "$LIMIT" \
+    --lens "$OUT/lenses/$m-lspade" --min-layer 12 --thresholds $THRESHOLDS \
+    --out "$OUT/thresholds-$m"
 }
 
-transfer() {  # figure 6: L-SPADE trained on ARC used on BoolQ and HeadQA, and the reverse
-  for m in boolq headqa; do
-    step "lens-$m-lspade-from-arc" "$OUT/lenses/$m-lspade-from-arc" $SPADE train-lens \
-      --model "$MODEL" --peft "$OUT/adapters/$m" --kind lspade --data ai2_arc --steps 300 \
-      --batch-size 16 --lr 1e-3 --seed 0 --prefix-token-id $START --out "$OUT/lenses/$m-lspade-from-arc"
-    step "lens-arc-lspade-from-$m" "$OUT/lenses/arc-lspade-from-$m" $SPADE train-lens \
-      --model "$MODEL" --peft "$OUT/adapters/arc" --kind lspade --data "${TRAIN[$m]}" \
-      --steps 300 --batch-size 16 --lr 1e-3 --seed 0 --prefix-token-id $START --out "$OUT/lenses/arc-lspade-from-$m"
-    step "transfer-$m" "$OUT/transfer-$m" $SPADE sweep transfer --model "$MODEL" \
-      --model-args "prefix_token_id=$START,peft=$OUT/adapters/$m" --tasks ${EVAL[$m]} --limit "$LIMIT" \
-      --lens "${TRAIN[$m]}=$OUT/lenses/$m-lspade" "ai2_arc=$OUT/lenses/$m-lspade-from-arc" \
-      --thresholds $THRESHOLDS --out "$OUT/transfer-$m"
+layers() {  # figures 3/4/7: every decoder at every layer
+  local m=$1 tasks=$2
+  step "layers-$m" "$OUT/layers-$m" $SPADE sweep layers --model "$MODEL" \
+    --model-args "$SPADE_ARGS,peft=$OUT/adapters/$m" --tasks $tasks --limit "$LIMIT" \
+    --lens "$OUT/lenses/$m-lspade" "$OUT/lenses/$m-tuned_lens" --out "$OUT/layers-$m"
+}
+
+transfer() {  # figure 6: SPADE-EXIT with the model's own L-SPADE and one trained on other data
+  local m=$1 tasks=$2
+  shift 2
+  step "transfer-$m" "$OUT/transfer-$m" $SPADE sweep transfer --model "$MODEL" \
+    --model-args "$SPADE_ARGS,peft=$OUT/adapters/$m" --tasks $tasks --limit "$LIMIT" \
+    --lens "$@" --min-layer 12 --thresholds $THRESHOLDS --out "$OUT/transfer-$m"
+}
+
+accuracy() {  # full depth before and after LoRA, on spade-exit's tokens (start token first)
+  declare -A OWN=([arc]="arc_easy,arc_challenge" [boolq]=boolq [headqa]=headqa_en)
+  for m in base arc boolq headqa; do
+    local args="pretrained=$MODEL,$SPADE_ARGS,exit_layer=30" tasks="arc_easy,arc_challenge,boolq,headqa_en"
+    if [ $m != base ]; then args="$args,peft=$OUT/adapters/$m"; tasks=${OWN[$m]}; fi
+    step "accuracy-$m" "$OUT/accuracy-$m" .venv/bin/lm_eval --model spade-exit \
+      --model_args "$args" --tasks "$tasks" --limit "$LIMIT" --device cpu --batch_size 16 \
+      --output_path "$OUT/accuracy-$m"
   done
-  step "transfer-arc" "$OUT/transfer-arc" $SPADE sweep transfer --model "$MODEL" \
-    --model-args "prefix_token_id=$START,peft=$OUT/adapters/arc" --tasks arc_easy --limit "$LIMIT" \
-    --lens "ai2_arc=$OUT/lenses/arc-lspade" "boolq=$OUT/lenses/arc-lspade-from-boolq" \
-    "headqa_en=$OUT/lenses/arc-lspade-from-headqa" --thresholds $THRESHOLDS \
-    --out "$OUT/transfer-arc"
+}
+
+arc() {
+  lens arc lspade ai2_arc arc-lspade
+  choose
+  thresholds arc arc_easy
+  lens arc tuned_lens ai2_arc arc-tuned_lens
+  layers arc arc_easy
+}
+
+boolq() {
+  lens boolq lspade boolq boolq-lspade
+  lens boolq lspade ai2_arc boolq-lspade-from-arc
+  transfer boolq boolq "boolq=$OUT/lenses/boolq-lspade" "ai2_arc=$OUT/lenses/boolq-lspade-from-arc"
+  lens boolq tuned_lens boolq boolq-tuned_lens
+  layers boolq boolq
+}
+
+headqa() {
+  lens headqa lspade headqa_en headqa-lspade
+  lens headqa lspade ai2_arc headqa-lspade-from-arc
+  transfer headqa headqa_en "headqa_en=$OUT/lenses/headqa-lspade" \
+    "ai2_arc=$OUT/lenses/headqa-lspade-from-arc"
+  lens headqa tuned_lens headqa_en headqa-tuned_lens
+  layers headqa headqa_en
+}
+
+reverse() {  # the reverse transfer: L-SPADE trained on BoolQ and HeadQA prompts, used on ARC
+  lens arc lspade boolq arc-lspade-from-boolq
+  lens arc lspade headqa_en arc-lspade-from-headqa
+  transfer arc arc_easy "ai2_arc=$OUT/lenses/arc-lspade" \
+    "boolq=$OUT/lenses/arc-lspade-from-boolq" "headqa_en=$OUT/lenses/arc-lspade-from-headqa"
 }
 
 base() {  # figure 8: the un-fine-tuned model, every decoder at every layer
   step "lens-base-lspade" "$OUT/lenses/base-lspade" $SPADE train-lens --model "$MODEL" \
-    --kind lspade --data ai2_arc --steps 300 --batch-size 16 --lr 1e-3 --seed 0 \
-    --prefix-token-id $START --out "$OUT/lenses/base-lspade"
+    --kind lspade --data ai2_arc --layers $LENS_LAYERS --steps 200 --batch-size 16 \
+    --lr 1e-3 --seed 0 --prefix-token-id $START --out "$OUT/lenses/base-lspade"
   step "layers-base" "$OUT/layers-base" $SPADE sweep layers --model "$MODEL" \
-    --model-args "prefix_token_id=$START" --tasks arc_easy arc_challenge boolq headqa_en \
-    --limit "$LIMIT" --lens "$OUT/lenses/base-lspade" --out "$OUT/layers-base"
+    --model-args "$SPADE_ARGS" --tasks arc_easy boolq headqa_en --limit "$LIMIT" \
+    --lens "$OUT/lenses/base-lspade" --out "$OUT/layers-base"
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(start finetune lenses layers thresholds transfer base)
+[ ${#stages[@]} -gt 0 ] || stages=(start finetune accuracy arc boolq headqa reverse base)
 for stage in "${stages[@]}"; do "$stage"; done
