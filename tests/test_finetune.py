@@ -158,4 +158,4 @@ def test_answer_loss_equals_the_models_own_loss(family, tiny_models):
     examples = [("Once upon a time", " there was"), ("Lily and her mom went to the", " park")]
     batch = _batch([encode_example(tokenizer, c, g) for c, g in examples], 64, torch.device("cpu"))
     want = model(**batch).loss
-    assert float(answer_loss(model, batch)) == pytest.approx(float(want), abs=1e-5)
+    assert float(answer_loss(model, batch).detach()) == pytest.approx(float(want), abs=1e-5)

@@ -49,8 +49,11 @@ start() {  # the start token: SPADE at every layer with each candidate, on ARC-E
   $PY benchmarks/smollm2/start_token.py "$OUT/start-token-1" "$OUT/start-token-0"
 }
 
+# Which fine-tunes to make and use (FT="arc" runs the ARC protocol alone).
+FT=${FT:-arc boolq headqa}
+
 finetune() {
-  for m in arc boolq headqa; do
+  for m in $FT; do
     step "finetune-$m" "$OUT/adapters/$m" $SPADE finetune --model "$MODEL" \
       --task "${TRAIN[$m]}" --steps "${STEPS[$m]}" --batch-size 8 --rank 16 --alpha 32 \
       --lr 3e-4 --seed 0 --prefix-token-id $START --out "$OUT/adapters/$m"
@@ -105,7 +108,7 @@ transfer() {  # figure 6: SPADE-EXIT with the model's own L-SPADE and one traine
 
 accuracy() {  # full depth before and after LoRA, on spade-exit's tokens (start token first)
   declare -A OWN=([arc]="arc_easy,arc_challenge" [boolq]=boolq [headqa]=headqa_en)
-  for m in base arc boolq headqa; do
+  for m in base $FT; do
     local args="pretrained=$MODEL,$SPADE_ARGS,exit_layer=30" tasks="arc_easy,arc_challenge,boolq,headqa_en"
     if [ $m != base ]; then args="$args,peft=$OUT/adapters/$m"; tasks=${OWN[$m]}; fi
     step "accuracy-$m" "$OUT/accuracy-$m" .venv/bin/lm_eval --model spade-exit \
