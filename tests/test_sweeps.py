@@ -263,6 +263,15 @@ def test_leaderboard_ranks_settings_over_tasks_with_speedups(tmp_path):
     assert averages == sorted(averages, reverse=True)
 
 
+def test_report_names_the_model_from_model_args_as_string_or_dict():
+    """lm-eval records model_args as the command's string or, in newer versions, a dict."""
+    from lm_eval_spade.sweeps.report import _model_name
+
+    assert _model_name("pretrained=/m/SmolLM2,peft=/a/arc,exit_layer=3") == "SmolLM2 + arc"
+    assert _model_name({"pretrained": "/m/SmolLM2", "prefix_token_id": 0}) == "SmolLM2"
+    assert _model_name(None) == "?"
+
+
 def test_a_rerun_replaces_the_earlier_sweep_whole_and_only_when_asked(
     threshold_sweep, lens, tmp_path
 ):

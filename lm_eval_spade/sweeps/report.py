@@ -128,16 +128,20 @@ def _rows(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
                     or (data.get("n-samples", {}).get(task) or {}).get("effective"),
                     "mean_exit_layer": stats.get("mean_exit_layer"),
                     "compute_fraction": stats.get("compute_fraction", 1.0 if not tasks else None),
-                    "model": _model_name(str(config.get("model_args") or "")),
+                    "model": _model_name(config.get("model_args")),
                     "speedup": _speedup(timing),
                 }
             )
     return rows
 
 
-def _model_name(model_args: str) -> str:
-    """`pretrained` (its last path part) and `peft` adapter of a results file's model_args."""
-    args = dict(part.split("=", 1) for part in model_args.split(",") if "=" in part)
+def _model_name(model_args: str | dict | None) -> str:
+    """`pretrained` (its last path part) and `peft` adapter of a results file's model_args
+    (a `key=value,...` string, or the dict newer lm-eval versions record)."""
+    if isinstance(model_args, dict):
+        args = {str(k): str(v) for k, v in model_args.items()}
+    else:
+        args = dict(part.split("=", 1) for part in str(model_args or "").split(",") if "=" in part)
     name = Path(args.get("pretrained", "?")).name
     return f"{name} + {Path(args['peft']).name}" if args.get("peft") else name
 
