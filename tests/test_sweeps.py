@@ -263,6 +263,21 @@ def test_leaderboard_ranks_settings_over_tasks_with_speedups(tmp_path):
     assert averages == sorted(averages, reverse=True)
 
 
+def test_leaderboard_keeps_the_speedup_of_a_timed_copy_of_a_swept_setting(tmp_path):
+    """A setting both swept (no timing) and timed on its own is one row with the speedup."""
+    from lm_eval_spade.sweeps.report import leaderboard, load_results
+
+    source = REPO / "results" / "sweeps" / "thresholds-calibration" / "results"
+    timed = tmp_path / "timed"
+    timed.mkdir()
+    data = json.loads((source / "SPADE-EXIT_T0.05.json").read_text())
+    data["timing"] = {"seconds": 1.0, "hf_seconds": 1.25}
+    (timed / "SPADE-EXIT_T0.05.json").write_text(json.dumps(data))
+    board = leaderboard(load_results([source, timed]))
+    row = board[(board["rule"] == "SPADE-EXIT") & (board["point"] == "threshold 0.05")]
+    assert row["speedup vs hf"].tolist() == [pytest.approx(1.25)]
+
+
 def test_report_names_the_model_from_model_args_as_string_or_dict():
     """lm-eval records model_args as the command's string or, in newer versions, a dict."""
     from lm_eval_spade.sweeps.report import _model_name

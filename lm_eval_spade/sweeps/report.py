@@ -312,7 +312,7 @@ def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
         complete = all(v is not None and pd.notna(v) for v in values)
         row["average"] = sum(values) / len(values) if complete else None
         row["compute fraction"] = by_task["compute_fraction"].mean()
-        speedups = by_task["speedup"].dropna()
+        speedups = group["speedup"].dropna()  # from whichever file of the setting was timed
         row["speedup vs hf"] = speedups.mean() if len(speedups) else None
         rows.append(row)
     board = pd.DataFrame(rows)
