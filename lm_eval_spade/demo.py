@@ -98,10 +98,26 @@ def lm_eval(run: Run, work: Path, env: dict[str, str] | None = None) -> dict:
         command += ["--limit", str(run.limit)]
     logger.info("running: %s", " ".join(command))
     start = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, **(env or {})}, cwd=work)
+    done = subprocess.run(command, env={**os.environ, **(env or {})}, cwd=work)
+    if done.returncode != 0:
+        raise UserInputError(
+            f"the {run.name} run of lm_eval failed (status {done.returncode}); its error is "
+            "printed above."
+        )
     run.seconds = time.perf_counter() - start
     (path,) = (work / target).rglob("results_*.json")
     return json.loads(path.read_text())
+
+
+def _first_lens_layer(lens: Path) -> int | None:
+    """The lowest layer a ready lens has a translator for (None: not readable here; the
+    lens is then checked by spade-exit itself)."""
+    try:
+        layers = json.loads((lens / "config.json").read_text()).get("layers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ints = [x for x in layers or [] if isinstance(x, int)]
+    return min(ints) if ints else None
 
 
 def _real_task_lens(model: str, work: Path) -> str:
@@ -173,6 +189,9 @@ def _real_runs(config: DemoConfig, work: Path, env: dict[str, str]) -> list[Run]
             Run("real-full-depth", "spade-exit", f"{spade},exit_layer={layers}", tasks, limit)
         )
     exits = f"lens={lens},threshold={config.real_threshold}"
+    first = _first_lens_layer(Path(lens) if Path(lens).is_absolute() else work / lens)
+    if first is not None and first > 1:  # no translators below it: check from there on
+        exits += f",min_layer={first}"
     return [*runs, Run("real-spade-exit", "spade-exit", f"{spade},{exits}", tasks, limit)]
 
 

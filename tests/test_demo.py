@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from lmutil import DATA, STORIES
+from lmutil import DATA, REPO, STORIES
+from realmodels import ENDOFTEXT, smollm2_dir
 
 from lm_eval_spade import calibration, demo
 from lm_eval_spade.cli import main
@@ -43,8 +44,56 @@ def test_demo_command_runs_spade_exit_on_calibration_and_real_tasks(tmp_path, ca
     assert {t: real[t]["num_layers"] for t in demo.REAL_TASKS} == dict.fromkeys(demo.REAL_TASKS, 5)
 
 
+#: The README's SmolLM2 main job: the committed ARC adapter and L-SPADE lens, and the
+#: threshold choose-threshold certified on ARC-Easy validation (docs/results.md).
+SMOLLM2_ADAPTER = REPO / "results" / "smollm2" / "adapter-arc"
+SMOLLM2_LENS = REPO / "results" / "smollm2" / "lens-arc-lspade"
+SMOLLM2_THRESHOLD = "THRESHOLD"
+
+
+@pytest.mark.slow
+def test_smollm2_main_job_runs_hf_and_spade_exit_with_the_committed_adapter_and_lens(
+    tmp_path, capfd
+):
+    """`demo --model SMOLLM2 --peft ... --lens ... --prefix-token-id 0 --real-tasks arc_easy
+    --real-threshold ... --limit 100`, on 4 questions: hf, a full-depth run on spade-exit's
+    tokens (its start token differs from hf's input), then SPADE-EXIT with the adapter."""
+    main(["demo", "--data-dir", str(DATA), "--model", str(smollm2_dir()),
+          "--peft", str(SMOLLM2_ADAPTER), "--lens", str(SMOLLM2_LENS),
+          "--prefix-token-id", str(ENDOFTEXT), "--real-tasks", "arc_easy",
+          "--real-threshold", SMOLLM2_THRESHOLD, "--limit", "4",
+          "--out", str(tmp_path)])  # fmt: skip
+    printed = capfd.readouterr().out
+    lines = printed[printed.index("| run | task |") :].splitlines()
+    rows = [line.strip("| ").split(" | ") for line in lines[4:]]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("real-hf", "arc_easy"), ("real-full-depth", "arc_easy"), ("real-spade-exit", "arc_easy")
+    ]  # fmt: skip
+    (path,) = (tmp_path / "results" / "real-spade-exit").rglob("results_*.json")
+    config = json.loads(path.read_text())["config"]
+    assert "prefix_token_id" in str(config["model_args"])
+    spade = config["spade"]
+    assert spade["config"]["threshold"] == float(SMOLLM2_THRESHOLD)
+    assert spade["lens"]["kind"] == "lspade" and spade["lens"]["layers"] == list(range(12, 30))
+    stats = spade["tasks"]["arc_easy"]
+    assert stats["num_layers"] == 30 and stats["requests"] == 4 * 4
+
+
 def test_demo_refuses_real_tasks_without_a_model(tmp_path):
     with pytest.raises(UserInputError, match="add --model"):
         demo.run(demo.DemoConfig(out=tmp_path, data_dir=DATA))
     with pytest.raises(UserInputError, match="is not a directory"):
         demo.run(demo.DemoConfig(out=tmp_path, data_dir=tmp_path / "none", model="x"))
+
+
+def test_a_failed_lm_eval_run_ends_the_demo_with_one_line(tmp_path):
+    """lm_eval prints its own error; the demo adds one line naming the run, no traceback."""
+    failing = demo.Run("real-hf", "spade-exit", f"pretrained={tmp_path / 'none'}", ["arc_easy"])
+    with pytest.raises(UserInputError, match=r"the real-hf run of lm_eval failed \(status"):
+        demo.lm_eval(failing, tmp_path)
+
+
+def test_a_ready_lens_sets_where_the_checks_begin(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"layers": [12, 13, 29]}))
+    assert demo._first_lens_layer(tmp_path) == 12
+    assert demo._first_lens_layer(tmp_path / "missing") is None
