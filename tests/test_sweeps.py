@@ -273,9 +273,15 @@ def test_leaderboard_keeps_the_speedup_of_a_timed_copy_of_a_swept_setting(tmp_pa
     data = json.loads((source / "SPADE-EXIT_T0.05.json").read_text())
     data["timing"] = {"seconds": 1.0, "hf_seconds": 1.25}
     (timed / "SPADE-EXIT_T0.05.json").write_text(json.dumps(data))
+    hf = json.loads((source / "SPADE-EXIT_T0.05.json").read_text())
+    del hf["config"]["spade"], hf["sweep"]  # as `lm_eval --model hf` writes it
+    (timed / "hf.json").write_text(json.dumps(hf))
     board = leaderboard(load_results([source, timed]))
     row = board[(board["rule"] == "SPADE-EXIT") & (board["point"] == "threshold 0.05")]
     assert row["speedup vs hf"].tolist() == [pytest.approx(1.25)]
+    # hf is its own row: it may score other tokens than spade-exit's full depth.
+    assert board[board["rule"] == "hf"]["point"].tolist() == ["full depth"]
+    assert len(board[board["rule"] == "full model"]) == 1
 
 
 def test_report_names_the_model_from_model_args_as_string_or_dict():

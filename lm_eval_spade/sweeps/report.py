@@ -65,8 +65,8 @@ def _placement(data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data.get("sweep"), dict):
         return dict(data["sweep"])
     spade = (data.get("config") or {}).get("spade")
-    if not isinstance(spade, dict):
-        return {"kind": "full model", "series": "full model"}
+    if not isinstance(spade, dict):  # `--model hf`: its own tokens (no start token added)
+        return {"kind": "full model", "series": "full model", "runner": "hf"}
     config = spade.get("config", {})
     decoder = config.get("decoder") or "spade"
     num_layers = spade.get("num_layers")
@@ -270,6 +270,8 @@ def _at_full_depth(row: pd.Series) -> bool:
 
 
 def _rule(row: pd.Series) -> str:
+    if row.get("runner") == "hf":  # may score other tokens than spade-exit's full depth
+        return "hf"
     if _at_full_depth(row):  # every decoder at layer L is the full model
         return "full model"
     if row["kind"] == "layers":
