@@ -48,7 +48,7 @@ def test_demo_command_runs_spade_exit_on_calibration_and_real_tasks(tmp_path, ca
 #: threshold choose-threshold certified on ARC-Easy validation (docs/results.md).
 SMOLLM2_ADAPTER = REPO / "results" / "smollm2" / "adapter-arc"
 SMOLLM2_LENS = REPO / "results" / "smollm2" / "lens-arc-lspade"
-SMOLLM2_THRESHOLD = "THRESHOLD"
+SMOLLM2_THRESHOLD = "0.0251"
 
 
 @pytest.mark.slow

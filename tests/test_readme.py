@@ -78,8 +78,15 @@ PLAN: dict[str, Run | ByTest] = {
     "bash scripts/setup.sh && .venv/bin/python -m pytest -q": ByTest(
         "tests/test_readme.py", "test_setup_script_is_valid_bash"
     ),
-    "bash scripts/setup.sh && .venv/bin/lm-eval-spade demo": ByTest(
+    "bash scripts/setup.sh && .venv/bin/lm-eval-spade demo --data-dir ../shared/data --model "
+    "../shared/models/stories260K": ByTest(
         "tests/test_demo.py", "test_demo_command_runs_spade_exit_on_calibration_and_real_tasks"
+    ),
+    "bash scripts/setup.sh && .venv/bin/lm-eval-spade demo --data-dir ../shared/data --model "
+    "$(.venv/bin/python tests/realmodels.py)": ByTest(
+        "tests/test_demo.py",
+        "test_smollm2_main_job_runs_hf_and_spade_exit_with_the_committed_adapter_and_lens",
+        mentions=["0.0251", "adapter-arc", "lens-arc-lspade", "realmodels"],
     ),
     ".venv/bin/lm_eval --model spade-exit --device cpu": Run(
         as_written=True, expect=["|spade_calibration|    2400|11.70 of 12 ", "|↑  | 0.91|"]
