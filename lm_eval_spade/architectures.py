@@ -18,6 +18,7 @@ running the rest of the block.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import ClassVar, Protocol
 
 import torch
@@ -155,7 +156,7 @@ class Architecture:
             masks = self._masks(hidden, range(start, end))
         rotary = self._rotary(hidden, position_ids)
         for index in range(start, end):
-            mask = masks[self._layer_mask_kind(index)]
+            mask = masks[self._mask_kind_of[index]]
             hidden = self._call_block(index, hidden, mask, position_ids, rotary, cache)
         return hidden
 
@@ -175,7 +176,12 @@ class Architecture:
 
     def mask_kinds(self, indices: range) -> set[str]:
         """The attention kinds (`full_attention`, `sliding_attention`) of these blocks."""
-        return {self._layer_mask_kind(i) for i in indices}
+        return {self._mask_kind_of[i] for i in indices}
+
+    @cached_property
+    def _mask_kind_of(self) -> tuple[str, ...]:
+        """Every block's attention kind, read once: generation asks at every block call."""
+        return tuple(self._layer_mask_kind(i) for i in range(self.num_layers))
 
     @property
     def sliding_window(self) -> int | None:
@@ -226,7 +232,7 @@ class LlamaLike(Architecture):
 
     model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 
-    @property
+    @cached_property  # looked up at every block call; the module never changes
     def _base(self) -> nn.Module:
         return self.model.get_decoder()
 
@@ -265,7 +271,7 @@ class LlamaLike(Architecture):
 class GPTNeoX(Architecture):
     model_types = ("gpt_neox",)
 
-    @property
+    @cached_property
     def _base(self) -> nn.Module:
         return self.model.gpt_neox
 
@@ -299,7 +305,7 @@ class GPT2(Architecture):
     model_types = ("gpt2",)
     rotary = False
 
-    @property
+    @cached_property
     def _base(self) -> nn.Module:
         return self.model.transformer
 
@@ -334,7 +340,7 @@ class OPT(Architecture):
     model_types = ("opt",)
     rotary = False
 
-    @property
+    @cached_property
     def _base(self) -> nn.Module:
         return self.model.model.decoder
 

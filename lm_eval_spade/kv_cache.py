@@ -67,6 +67,7 @@ class KVStore:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.saved: torch.Tensor | None = None  # [B, S, d]: hidden state after `depth` blocks
+        self._all_rows = torch.arange(real.shape[0], device=real.device)
 
     @property
     def batch_size(self) -> int:
@@ -79,16 +80,35 @@ class KVStore:
         slots: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
+        span: slice | None = None,
     ) -> None:
-        """Store `keys`/`values` `[r, heads, q, head_dim]` of `slots` `[r, q]` at `block`."""
+        """Store `keys`/`values` `[r, heads, q, head_dim]` of `slots` `[r, q]` at `block`.
+
+        `span`: the same slots as a slice, given when `rows` are all rows and every row's
+        `slots` are that one contiguous range (`contiguous_span`), the case of every
+        generation step: slicing is cheaper than the general scatter."""
         if self.keys[block] is None:
             shape = (self.batch_size, keys.shape[1], self.real.shape[1], keys.shape[3])
             self.keys[block] = keys.new_zeros(shape)
             self.values[block] = values.new_zeros(shape)
+        if span is not None:
+            self.keys[block][:, :, span] = keys  # type: ignore[index]
+            self.values[block][:, :, span] = values  # type: ignore[index]
+            self.depth[:, span].clamp_(min=block + 1)
+            return
         index = (rows[:, None], slice(None), slots)
         self.keys[block][index] = keys.transpose(1, 2)  # type: ignore[index]
         self.values[block][index] = values.transpose(1, 2)  # type: ignore[index]
         self.raise_depth(rows, slots, block + 1)
+
+    def contiguous_span(self, rows: torch.Tensor, slots: torch.Tensor) -> slice | None:
+        """`slots` `[r, q]` as one slice if `rows` are all rows, in order, and every row's
+        slots are the same consecutive range; else None."""
+        if len(rows) != self.batch_size or not bool((rows == self._all_rows).all()):
+            return None
+        first = int(slots[0, 0])
+        span = torch.arange(first, first + slots.shape[1], device=slots.device)
+        return slice(first, first + slots.shape[1]) if bool((slots == span).all()) else None
 
     def read(self, block: int, rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[block], self.values[block]
@@ -144,11 +164,12 @@ class BlockCache:
         seen[torch.arange(len(rows), device=rows.device)[:, None], slots] = False
         depth = store.depth[rows, :width]
         self.checked_from = int(depth[seen].min()) if bool(seen.any()) else store.num_layers
+        self.span = store.contiguous_span(rows, slots)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx >= self.checked_from:
             self.store.check(layer_idx, self.rows, self.slots, self.allowed)
-        self.store.write(layer_idx, self.rows, self.slots, key_states, value_states)
+        self.store.write(layer_idx, self.rows, self.slots, key_states, value_states, self.span)
         return self.store.read(layer_idx, self.rows, self.allowed.shape[-1])
 
 
