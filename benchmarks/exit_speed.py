@@ -26,6 +26,7 @@ from lm_eval.api.registry import get_model
 
 from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.lens import Lens, LensKind, save_lens
+from lm_eval_spade.sweeps.report import markdown_table
 
 BLOCKS, HIDDEN, BATCH = 24, 512, 16
 
@@ -144,7 +145,7 @@ def main() -> None:
         "fraction (blocks run plus SPADE's pairs, SPADE.md). A batch that waited for its "
         "slowest row would run every row to L: no speedup. Written by "
         "`benchmarks/exit_speed.py`.",
-        table.to_markdown(index=False, floatfmt=".3f"),
+        markdown_table(table, index=False, floatfmt=".3f"),
         "Times (s, median): " + ", ".join(f"{name} {t:.2f}" for name, t in median.items()),
     )
 

@@ -8,17 +8,20 @@ and compute fraction.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import lm_eval
 import matplotlib.image
+import pandas as pd
 import pytest
 from lmutil import DATA, REPO, STORIES, run_cli
 
 from lm_eval_spade.lens.jobs import DataSpec, train_and_save
 from lm_eval_spade.lens.training import LensTrainConfig
 from lm_eval_spade.lens.translators import LensKind
+from lm_eval_spade.sweeps.report import markdown_table
 from lm_eval_spade.sweeps.settings import SweepSettings
 from lm_eval_spade.sweeps.thresholds import ThresholdSweepConfig
 from lm_eval_spade.sweeps.transfer import TransferConfig, run_transfer_sweep
@@ -180,12 +183,20 @@ def test_report_renders_tables_and_figures(layer_sweep, threshold_sweep, transfe
     printed = run_cli("report", *map(str, dirs), "--out", str(tmp_path))
     for kind in ("layers", "thresholds", "transfer"):
         assert (tmp_path / f"{kind}.csv").stat().st_size > 0
-        assert (tmp_path / f"{kind}.md").read_text().startswith("### ")
+        text = (tmp_path / f"{kind}.md").read_text()
+        assert text.startswith("### ") and not re.search(r"\bnan\b", text, re.IGNORECASE)
     pngs = ["layers_accuracy.png", "layers_perplexity.png", "thresholds.png", "transfer.png"]
     for png in pngs:
         _check_png(tmp_path / png)
     assert "| layer |" in printed.replace("|   layer |", "| layer |")
     assert "L-SPADE trained on" in printed
+
+
+def test_markdown_tables_show_missing_values_as_a_dash():
+    frame = pd.DataFrame({"layer": [1, 2], "L-SPADE": [float("nan"), 0.61234]})
+    lines = markdown_table(frame, index=False, floatfmt=".3f").splitlines()
+    assert lines[2].split("|")[2].strip() == "—"
+    assert lines[3].split("|")[2].strip() == "0.612"
 
 
 def test_report_reads_plain_lm_eval_output(tmp_path, task_manager):

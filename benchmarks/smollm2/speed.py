@@ -44,6 +44,7 @@ from realmodels import smollm2_dir
 
 from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.lens import Lens, LensKind, save_lens
+from lm_eval_spade.sweeps.report import markdown_table
 
 START = "<|endoftext|>"
 BATCH = 16
@@ -211,7 +212,7 @@ def main() -> None:
         f"trained one does). The head is {share:.0%} of `hf`'s work per token here "
         f"({head / block:.1f} blocks' worth). Ideal speedups from multiply-adds per token, "
         "with and without the head (module doc). Written by `benchmarks/smollm2/speed.py`.",
-        table.to_markdown(index=False, floatfmt=".3f"),
+        markdown_table(table, index=False, floatfmt=".3f"),
         "Times (s, median): "
         + ", ".join(f"{kind} / {name} {t:.2f}" for (kind, name), t in median.items()),
     )

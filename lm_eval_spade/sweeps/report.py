@@ -56,6 +56,14 @@ class Report:
 
 
 # --- reading -----------------------------------------------------------------------------
+def markdown_table(frame: pd.DataFrame, **kwargs: Any) -> str:
+    """`frame` as markdown with "—" where a value is missing (a decoder not run at a
+    layer, a point without an ideal): pandas would print "nan", which reads as a failed
+    computation."""
+    cells = frame.astype(object).where(frame.notna(), None)
+    return cells.to_markdown(missingval="—", **kwargs)
+
+
 def _is_results(data: Any) -> bool:
     return isinstance(data, dict) and isinstance(data.get("results"), dict) and "config" in data
 
@@ -215,7 +223,7 @@ def _layer_tables(main: pd.DataFrame) -> str:
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
         parts.append(
             f"### {task}: {_label(metric)} by layer ({better}{size})\n\n"
-            + pivot.to_markdown(floatfmt=".4g")
+            + markdown_table(pivot, floatfmt=".4g")
         )
     return "\n\n".join(parts)
 
@@ -227,7 +235,6 @@ def _exit_tables(main: pd.DataFrame, by: str) -> str:
         cols = [c for c in cols if c in group.columns]
         keys = [by, "compute_fraction", *[c for c in ("threshold", "layer") if c in cols]]
         view = group[cols].sort_values(keys, ascending=[True, False] + [True] * (len(keys) - 2))
-        view = view.astype(object).where(view.notna(), "")
         view = view.rename(
             columns={
                 "value": _label(metric),
@@ -238,7 +245,7 @@ def _exit_tables(main: pd.DataFrame, by: str) -> str:
         )
         parts.append(
             f"### {task}: {_label(metric)} against exit layer and compute\n\n"
-            + view.to_markdown(index=False, floatfmt=".4g", missingval="")
+            + markdown_table(view, index=False, floatfmt=".4g")
         )
     return "\n\n".join(parts)
 
