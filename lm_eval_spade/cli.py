@@ -102,14 +102,15 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _sweep_settings(args: argparse.Namespace):
-    from lm_eval_spade.decoders import SpadePositions
+    from lm_eval_spade.decoders import SpadePositions, SpadeStart
     from lm_eval_spade.sweeps.settings import SweepSettings
 
     return SweepSettings(
         model=args.model, tasks=args.tasks, out=Path(args.out), limit=args.limit,
         batch_size=args.batch_size, model_args=args.model_args,
         include_path=args.include_path, spade_positions=SpadePositions(args.spade_positions),
-        bootstrap_iters=args.bootstrap_iters, time_full_depth=not args.no_full_depth_timing,
+        spade_start=SpadeStart(args.spade_start), bootstrap_iters=args.bootstrap_iters,
+        time_full_depth=not args.no_full_depth_timing,
         overwrite=args.overwrite,
     )  # fmt: skip
 
@@ -203,6 +204,10 @@ def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
     add("--include-path", help="extra lm-eval task folder")
     add("--spade-positions", default="original", choices=["original", "compact"],
         help="position ids of SPADE's pair (default: %(default)s)")  # fmt: skip
+    add("--spade-start", default="pair", choices=["pair", "shared"],
+        help="SPADE's start token climbs with each position (pair) or once per batch and "
+        "layer, each position attending to its keys/values (shared: same scores, about "
+        "half the passes) (default: %(default)s)")  # fmt: skip
     add("--bootstrap-iters", type=values.index, default=1000,
         help="lm-eval's bootstrap iterations for stderr (default: %(default)s)")  # fmt: skip
     add("--no-full-depth-timing", action="store_true",
@@ -459,7 +464,7 @@ def _add_train_lens(commands) -> None:
 
 def _choose_threshold(args: argparse.Namespace) -> None:
     from lm_eval_spade.confidence import Confidence
-    from lm_eval_spade.decoders import DecoderKind, SpadePositions
+    from lm_eval_spade.decoders import DecoderKind, SpadePositions, SpadeStart
     from lm_eval_spade.sweeps.choose import (
         DEFAULT_THRESHOLDS,
         ChooseConfig,
@@ -473,7 +478,8 @@ def _choose_threshold(args: argparse.Namespace) -> None:
         model=args.model, tasks=[args.task] if args.task else [], out=Path(args.out),
         limit=args.limit, batch_size=args.batch_size, model_args=args.model_args,
         include_path=args.include_path, spade_positions=SpadePositions(args.spade_positions),
-        bootstrap_iters=args.bootstrap_iters, time_full_depth=False,
+        spade_start=SpadeStart(args.spade_start), bootstrap_iters=args.bootstrap_iters,
+        time_full_depth=False,
     )  # fmt: skip
     config = _from_args(
         ChooseConfig,
@@ -545,6 +551,10 @@ def _add_choose_threshold(commands) -> None:
     add("--include-path", help="extra lm-eval task folder")
     add("--spade-positions", default="original", choices=["original", "compact"],
         help="position ids of SPADE's pair (default: %(default)s)")  # fmt: skip
+    add("--spade-start", default="pair", choices=["pair", "shared"],
+        help="SPADE's start token climbs with each position (pair) or once per batch and "
+        "layer, each position attending to its keys/values (shared: same scores, about "
+        "half the passes) (default: %(default)s)")  # fmt: skip
     add("--bootstrap-iters", type=int, default=0,
         help="lm-eval's bootstrap iterations for the chosen setting's stderr "
         "(default: %(default)s)")  # fmt: skip

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any
 
 from lm_eval_spade.confidence import Confidence
-from lm_eval_spade.decoders import DecoderKind, SpadePositions
+from lm_eval_spade.decoders import DecoderKind, SpadePositions, SpadeStart
 from lm_eval_spade.errors import UserInputError
 from lm_eval_spade.kv_cache import KVStrategy, default_kv_strategy
 
@@ -84,6 +84,9 @@ class SpadeConfig:
     Both modes:
     - `decoder`: decodes the scored positions at the exit layer (default `spade`);
     - `spade_positions`: the SPADE pair's position ids, `original` `(0, i)` or `compact`;
+    - `spade_start`: `pair` (default: the start token climbs with every decoded position,
+      as SPADE.md counts it) or `shared` (it climbs once per batch and layer, and each
+      position attends to its keys/values: the same logits at about half the passes);
     - `lens`: directory of a trained lens (`lm-eval-spade train-lens`, or a tuned-lens
       checkpoint), for the `lspade` / `tuned_lens` decoders; `spade-calibration` names the
       translators shipped for the calibration model (`pretrained=spade-calibration`).
@@ -97,6 +100,7 @@ class SpadeConfig:
     decoder: DecoderKind | None = None
     exit_layer: int | None = None
     spade_positions: SpadePositions = SpadePositions.ORIGINAL
+    spade_start: SpadeStart = SpadeStart.PAIR
     lens: str | None = None
     threshold: float | None = None
     interval: int = 1
@@ -127,6 +131,8 @@ class SpadeConfig:
             fields["spade_positions"] = _enum_value(
                 SpadePositions, "spade_positions", args["spade_positions"]
             )
+        if "spade_start" in given:
+            fields["spade_start"] = _enum_value(SpadeStart, "spade_start", args["spade_start"])
         for key in ("lens", "exit_log"):
             if key in given:
                 fields[key] = str(args[key])
@@ -202,6 +208,17 @@ class SpadeConfig:
                 f"({users[0].value}, {users[1].value}), but there is one lens=; use one kind."
             )
         self._check_kv_strategy()
+        if "spade_start" in given and (self.decoder or DecoderKind.SPADE) is not DecoderKind.SPADE:
+            raise SpadeArgumentError(
+                f"spade_start sets how SPADE's start token climbs, and decoder="
+                f"{self.decoder.value if self.decoder else ''} has none: drop spade_start or "
+                "use decoder=spade."
+            )
+        if "spade_start" in given and not self.active:
+            raise SpadeArgumentError(
+                "spade_start only applies to early exits: add exit_layer=K or threshold=NATS "
+                "(or drop it)."
+            )
         if self.lens is not None and not users and self.threshold is None:
             raise SpadeArgumentError(
                 f"lens={self.lens} is only used by decoder={' or decoder='.join(_LENS_DECODERS)}"

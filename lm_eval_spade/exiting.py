@@ -27,7 +27,13 @@ import torch.nn.functional as F
 
 from lm_eval_spade.architectures import Architecture
 from lm_eval_spade.confidence import Confidence, uncertainty
-from lm_eval_spade.decoders import DecoderKind, LayerStates, SpadePositions, decode_layers
+from lm_eval_spade.decoders import (
+    DecoderKind,
+    LayerStates,
+    SpadePositions,
+    SpadeStart,
+    decode_layers,
+)
 from lm_eval_spade.lens import Lens
 
 
@@ -38,6 +44,7 @@ class ExitPlan:
     checks: tuple[int, ...]  # layers < L where the exit rule is applied, ascending
     decoder: DecoderKind  # decodes the scored positions at the exit layer
     spade_positions: SpadePositions = SpadePositions.ORIGINAL
+    spade_start: SpadeStart = SpadeStart.PAIR
     threshold: float | None = None  # None: exit at the first check unconditionally
     confidence: Confidence = Confidence.ENTROPY
     confidence_decoder: DecoderKind = DecoderKind.LOGIT_LENS
@@ -51,7 +58,7 @@ class RowExit:
     log_probs: torch.Tensor  # [cont_len, vocab]
     exit_layer: int
     confidence: float | None  # uncertainty (nats) at the last check made, if any
-    block_token_passes: int  # blocks run over the row's tokens + decoding above the exit
+    block_token_passes: float  # blocks run over the row's tokens + decoding above the exit
     checks: int  # positions whose confidence was computed
 
 
@@ -164,10 +171,17 @@ def _finish(
     cols = torch.cat(spans)
     which, cols = which.to(hidden.device), cols.to(hidden.device)
     x = LayerStates(hidden[which, 0], hidden[which, cols], cols)
-    decoded = decode_layers(arch, plan.decoder, {layer: x}, plan.spade_positions, lens=plan.lens)
+    decoded = decode_layers(
+        arch,
+        plan.decoder,
+        {layer: x},
+        plan.spade_positions,
+        lens=plan.lens,
+        spade_start=plan.spade_start,
+    )
     log_probs = F.log_softmax(decoded[layer].logits, dim=-1, dtype=softmax_dtype)
     sizes = [len(s) for s in spans]
     for row, lp, passes in zip(
         rows, log_probs.split(sizes), decoded[layer].passes.split(sizes), strict=True
     ):
-        results[row] = RowExit(lp, layer, None, int(passes.sum()), 0)
+        results[row] = RowExit(lp, layer, None, float(passes.sum()), 0)

@@ -249,6 +249,7 @@ class SpadeExitLM(HFLM):
             checks=spade.check_schedule(self.arch.num_layers),
             decoder=spade.decoder,
             spade_positions=spade.spade_positions,
+            spade_start=spade.spade_start,
             threshold=spade.threshold,
             confidence=spade.confidence,
             confidence_decoder=spade.confidence_decoder or DecoderKind.LOGIT_LENS,

@@ -151,7 +151,8 @@ def lspade_targets(
     decoded = decode_layers(arch, DecoderKind.SPADE, inputs, spade_positions)
     out_states = {layer: inputs[layer].states for layer in layers}
     log_probs = {layer: F.log_softmax(decoded[layer].logits.float(), dim=-1) for layer in layers}
-    passes = ran * int(lengths.sum()) + sum(d.block_token_passes for d in decoded.values())
+    decoding = round(sum(d.block_token_passes for d in decoded.values()))  # whole pairs
+    passes = ran * int(lengths.sum()) + decoding
     return Targets(out_states, log_probs, passes, [1] * len(ids))
 
 

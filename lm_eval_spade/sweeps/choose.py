@@ -192,6 +192,7 @@ def build_scorer(settings: SweepSettings, config: ChooseConfig) -> Scorer:
         [signal],
         lenses=lenses,
         spade_positions=settings.spade_positions,
+        spade_start=settings.spade_start,
         **settings.hf_args(),
     )
     checks = check_schedule(lm.layout.num_layers, config.interval, config.min_layer)

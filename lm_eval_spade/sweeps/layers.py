@@ -113,6 +113,7 @@ def _layer_sweep(settings: SweepSettings, config: LayerSweepConfig, work: Path) 
         decodings,
         lenses={name: path for name, (path, _) in lenses.items()},
         spade_positions=settings.spade_positions,
+        spade_start=settings.spade_start,
         **settings.hf_args(),
     )
     points = [

@@ -25,7 +25,7 @@ from lm_eval.models.utils import Collator
 from lm_eval.models.utils_hf import pad_and_concat
 
 from lm_eval_spade.architectures import architecture_for
-from lm_eval_spade.decoders import DecoderKind, SpadePositions
+from lm_eval_spade.decoders import DecoderKind, SpadePositions, SpadeStart
 from lm_eval_spade.finite import NonFiniteError
 from lm_eval_spade.lens import Lens, LensCheckpointError, LensKind, load_lens
 from lm_eval_spade.model import SpadeExitLM, TokenRequest
@@ -86,6 +86,7 @@ class LayerwiseLM(SpadeExitLM):
         signals: Sequence[Signal] = (),
         lenses: dict[str, str] | None = None,
         spade_positions: SpadePositions = SpadePositions.ORIGINAL,
+        spade_start: SpadeStart = SpadeStart.PAIR,
         **hf_args: Any,
     ) -> None:
         super().__init__(pretrained=pretrained, **hf_args)
@@ -100,6 +101,7 @@ class LayerwiseLM(SpadeExitLM):
             {name: lens.layers for name, lens in self.lenses.items()},
         )
         self.spade_positions = spade_positions
+        self.spade_start = spade_start
         #: Seconds spent per part of scoring (prefix, each decoding, each confidence source).
         self.timer: Counter[str] = Counter()
         self.reference = False
@@ -206,6 +208,7 @@ class LayerwiseLM(SpadeExitLM):
                 self.spade_positions,
                 self.softmax_dtype,
                 self.timer,
+                self.spade_start,
             )
         for r, (row, row_hits) in enumerate(zip(rows, hits, strict=True)):
             share = 1.0 / len(row_hits)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lm_eval_spade.architectures import Architecture
 from lm_eval_spade.confidence import uncertainty
-from lm_eval_spade.decoders import LayerStates, SpadePositions, decode_layers
+from lm_eval_spade.decoders import LayerStates, SpadePositions, SpadeStart, decode_layers
 from lm_eval_spade.lens import Lens
 from lm_eval_spade.sweeps.spec import Decoding, Layout
 
@@ -92,6 +92,7 @@ def score_layers(
     spade_positions: SpadePositions = SpadePositions.ORIGINAL,
     softmax_dtype: torch.dtype | None = None,
     timer: Counter | None = None,
+    spade_start: SpadeStart = SpadeStart.PAIR,
 ) -> list[RowScores]:
     """Score right-padded rows `ids` `[B, T]` in every column of `layout`.
 
@@ -119,6 +120,7 @@ def score_layers(
             {layer: states[layer] for layer in layers},
             spade_positions,
             lens=lenses.get(decoding.lens) if decoding.lens else None,
+            spade_start=spade_start,
         )
         for layer in layers:
             c = layout.column(decoding, layer)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lm_eval_spade.decoders import SpadePositions
+from lm_eval_spade.decoders import SpadePositions, SpadeStart
 from lm_eval_spade.sweeps.spec import SweepError
 
 #: HFLM settings sweeps use unless --model-args says otherwise. The start token SPADE
@@ -33,6 +33,7 @@ class SweepSettings:
     model_args: str = ""
     include_path: str | None = None
     spade_positions: SpadePositions = SpadePositions.ORIGINAL
+    spade_start: SpadeStart = SpadeStart.PAIR
     bootstrap_iters: int = 1000
     time_full_depth: bool = True
     overwrite: bool = False
@@ -76,11 +77,14 @@ class SweepSettings:
         args.pop("batch_size", None)
         if self.spade_positions is not SpadePositions.ORIGINAL:
             args["spade_positions"] = self.spade_positions.value
+        if self.spade_start is not SpadeStart.PAIR:
+            args["spade_start"] = self.spade_start.value
         return ",".join(f"{k}={v}" for k, v in args.items())
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["out"], data["spade_positions"] = str(self.out), self.spade_positions.value
+        data["spade_start"] = self.spade_start.value
         data.pop("overwrite")
         return data
 

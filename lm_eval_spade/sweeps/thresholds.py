@@ -165,6 +165,7 @@ def _threshold_sweep(
         [s.signal for s in series],
         lenses={lens_name: lens_path},
         spade_positions=settings.spade_positions,
+        spade_start=settings.spade_start,
         **settings.hf_args(),
     )
     checks = check_schedule(lm.layout.num_layers, config.interval, config.min_layer)

@@ -106,6 +106,7 @@ def _transfer_sweep(settings: SweepSettings, config: TransferConfig, work: Path)
         [s.signal for s in series.values()],
         lenses={task: now for task, (_, now) in places.items()},
         spade_positions=settings.spade_positions,
+        spade_start=settings.spade_start,
         **settings.hf_args(),
     )
     thresholds = config.thresholds

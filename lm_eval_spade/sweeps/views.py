@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 
 from lm_eval_spade.config import SpadeConfig
+from lm_eval_spade.decoders import DecoderKind
 from lm_eval_spade.stats import ExitStats, RequestExit
 from lm_eval_spade.sweeps.model import LayerwiseLM, RequestScores
 from lm_eval_spade.sweeps.spec import Decoding, Layout, Signal, SweepError
@@ -245,9 +246,12 @@ class ScoresView(LM):
         """`config.spade` as `lm_eval --model spade-exit` with `rule.settings()` writes it."""
         from lm_eval_spade import __version__
 
+        lm = self.table.lm
         config = SpadeConfig.from_model_args(
-            **self.rule.settings(), spade_positions=self.table.lm.spade_positions.value
+            **self.rule.settings(), spade_positions=lm.spade_positions.value
         )
+        if config.decoder is DecoderKind.SPADE:
+            config = replace(config, spade_start=lm.spade_start)
         return {
             "package_version": __version__,
             "config": config.to_dict(),
