@@ -7,8 +7,8 @@ above the exit is most of the work) and as letter prompts (one decoded position)
 setting's scores are compared with the pair's (largest absolute difference of a summed
 log-probability), its block-token passes are read from spade-exit's own counts, and its
 wall clock is a ratio against `hf` (median of interleaved rounds, order alternating).
-Then a layer sweep of SPADE alone over the cloze questions, pair against shared: the
-sweep's printed cost ratios.
+Then a layer sweep of SPADE alone over as many questions of lm-eval's `arc_easy` (cloze,
+test split), pair against shared: the cost ratios the sweep reports.
 
     python benchmarks/smollm2/shared_start.py [--questions 24] [--rounds 3] [--threads 2]
 """
@@ -109,8 +109,10 @@ def main() -> None:
         "(order alternating). Compute fraction from spade-exit's own block-token counts "
         "(trunk plus SPADE's climb, as run). Written by `benchmarks/smollm2/shared_start.py`.",
         markdown_table(table, index=False, floatfmt=".3g"),
-        "### Layer sweep of SPADE alone (cloze questions)\n\n"
-        + markdown_table(sweeps, index=False, floatfmt=".3f"),
+        "Times (s, median): "
+        + ", ".join(f"{kind} / {name} {t:.2f}" for (kind, name), t in median.items()),
+        "### Layer sweep of SPADE alone (lm-eval's arc_easy, first questions of the test "
+        "split)\n\n" + markdown_table(sweeps, index=False, floatfmt=".3f"),
     )
 
 
