@@ -59,3 +59,16 @@ def write_result(name: str, title: str, intro: str, *tables: str) -> None:
     (RESULTS / name).parent.mkdir(parents=True, exist_ok=True)
     (RESULTS / name).write_text(text)
     print(text)
+
+
+def sweep_cost(model: str, tasks: list[str], limit: int | None, *extra: str) -> dict:
+    """`lm-eval-spade sweep layers` over `tasks` in this process: the cost it reports
+    (`sweep.json`'s `cost`: both ratios and the seconds of each part)."""
+    import tempfile
+
+    from lm_eval_spade.cli import main as cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["sweep", "layers", "--model", model, "--tasks", *tasks, "--out", tmp + "/s"]
+        cli(args + (["--limit", str(limit)] if limit else []) + list(extra))
+        return json.loads((Path(tmp) / "s" / "sweep.json").read_text())["cost"]

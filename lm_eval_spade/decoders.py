@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -76,6 +76,19 @@ class Decoded:
     @property
     def block_token_passes(self) -> float:
         return float(self.passes.sum())
+
+
+@dataclass
+class DecodedStates:
+    """What the head reads for the requested positions (`arch.head(states)` are their
+    logits), and the block-token passes spent on them. Callers that decode many layers
+    run the head over all of them at once: one wide product instead of one per layer."""
+
+    states: torch.Tensor  # [k, d]
+    passes: torch.Tensor  # [k] float64
+
+    def decoded(self, arch: Architecture) -> Decoded:
+        return Decoded(arch.head(self.states), self.passes)
 
 
 @dataclass
@@ -132,6 +145,15 @@ def decode(
 
 
 def decode_layers(
+    arch: Architecture, kind: DecoderKind, inputs: dict[int, LayerStates], *args: Any, **kw: Any
+) -> dict[int, Decoded]:
+    """Decode at several layers at once, through the head; the other arguments are
+    `decode_layers_states`'s."""
+    states = decode_layers_states(arch, kind, inputs, *args, **kw)
+    return {layer: x.decoded(arch) for layer, x in states.items()}
+
+
+def decode_layers_states(
     arch: Architecture,
     kind: DecoderKind,
     inputs: dict[int, LayerStates],
@@ -139,44 +161,38 @@ def decode_layers(
     max_sequences: int = 1024,
     lens: Lens | None = None,
     spade_start: SpadeStart = SpadeStart.PAIR,
-) -> dict[int, Decoded]:
-    """Decode at several layers at once.
+) -> dict[int, DecodedStates]:
+    """Decode at several layers at once, up to the head.
 
     SPADE's short sequences from every layer climb the blocks together, each joining at
     the block above its own layer, so decoding L layers costs L block calls rather than
     L(L+1)/2 (the passes, counted per sequence, are the same).
     """
-    out: dict[int, Decoded] = {}
+    out: dict[int, DecodedStates] = {}
     climbs: list[_Climb] = []
     for layer, x in inputs.items():
         free = torch.zeros(x.states.shape[0], dtype=torch.float64, device=x.states.device)
         if kind is DecoderKind.LOGIT_LENS or layer == arch.num_layers:
-            out[layer] = Decoded(arch.head(x.states), free)
+            out[layer] = DecodedStates(x.states, free)
         elif kind.needs_lens:
             if lens is None:
                 raise ValueError(f"decoder {kind.value} needs a trained lens")
-            out[layer] = Decoded(lens.logits(arch, x.states, layer), free)
+            out[layer] = DecodedStates(lens.head_input(arch, x.states, layer), free)
         else:
             climbs += _climbs(kind, layer, x, spade_positions, max_sequences, spade_start)
-    logits = {
-        layer: torch.empty(
-            (x.states.shape[0], arch.lm_head.out_features),
-            dtype=x.states.dtype,
-            device=x.states.device,
+    climbed = {
+        layer: DecodedStates(
+            torch.empty_like(x.states),
+            torch.zeros(x.states.shape[0], dtype=torch.float64, device=x.states.device),
         )
         for layer, x in inputs.items()
         if layer not in out
     }
-    passes = {
-        layer: torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        for layer, x in logits.items()
-    }
     for wave in _waves(climbs):
         for climb, top in zip(wave, _climb_together(arch, wave), strict=True):
-            logits[climb.layer][climb.rows] = arch.head(top).to(logits[climb.layer].dtype)
-            passes[climb.layer][climb.rows] = climb.passes(arch.num_layers)
-    out.update({layer: Decoded(logits[layer], passes[layer]) for layer in logits})
-    return out
+            climbed[climb.layer].states[climb.rows] = top.to(climbed[climb.layer].states.dtype)
+            climbed[climb.layer].passes[climb.rows] = climb.passes(arch.num_layers)
+    return {**out, **climbed}
 
 
 def _climbs(

@@ -176,3 +176,12 @@ def test_layer_sweep_with_a_shared_start(tmp_path):
             assert fraction["shared"] < fraction["pair"], (layer, fraction)
         else:
             assert fraction["shared"] == fraction["pair"] == 1.0
+    # without a timed full-depth run the wall-clock ratios are null, never NaN; per scored
+    # position (one per question: its one-token options share it) the pair climbs
+    # 2(12 - l) block-tokens above each layer l: 156 in all, and the shared start less
+    costs = {s: json.loads((runs[s] / "sweep.json").read_text())["cost"] for s in runs}
+    for cost in costs.values():
+        assert cost["time_ratio"] is None and cost["extra_seconds_per_scored_position"] is None
+        assert cost["scored_positions"] == pytest.approx(24)
+    assert costs["pair"]["extra_passes_per_scored_position"] == pytest.approx(156)
+    assert 78 < costs["shared"]["extra_passes_per_scored_position"] < 156

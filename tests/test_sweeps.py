@@ -125,6 +125,13 @@ def test_layer_sweep_covers_every_decoder_and_layer_and_prints_its_cost(layer_sw
     # the prefix runs once: 24 settings cost far less than 24 runs
     assert 1 < cost["pass_ratio"] < 2.5
     assert "cost ratio" in printed and f"{cost['pass_ratio']:.2f}x block-token passes" in printed
+    # per scored position, SPADE's pair climbs 2(L - l) block-tokens above each layer l < L
+    # and SPADE-NoS L - l: 30 + 15 = 45 for L = 5 (the lenses climb nothing), except that
+    # each of the 3 story documents' first position is its start token, which SPADE climbs
+    # alone (15, not 30)
+    extra = cost["extra_passes_per_scored_position"] * cost["scored_positions"]
+    assert extra == pytest.approx(45 * cost["scored_positions"] - 3 * 15)
+    assert f"Each of the {cost['scored_positions']:.0f} scored positions" in printed
     assert "### tinystories_sentences_spade: word perplexity by layer" in printed
     # every decoder but the trained one is the full model at the last layer
     full = {results(out, f"{d}_L5")["results"][STORY]["word_perplexity,none"] for d in decoders[:3]}

@@ -16,11 +16,9 @@ test split), pair against shared: the cost ratios the sweep reports.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from lm_eval.api.registry import get_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from common import SHARED, write_result
+from common import SHARED, sweep_cost, write_result
 from realmodels import smollm2_dir
 from speed import cloze_requests, letter_requests, questions
 
@@ -119,30 +117,21 @@ def main() -> None:
 def sweep_costs(model_dir: Path, n: int, threads: int) -> pd.DataFrame:
     """`sweep layers --decoders spade` with each `--spade-start`: the cost it reports
     (lm-eval's `arc_easy` test split, served from the shared release files)."""
-    from lm_eval_spade.cli import main as cli
-
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for start in ("pair", "shared"):
-            out = Path(tmp) / start
-            cli(
-                [
-                    "sweep", "layers", "--model", str(model_dir), "--tasks", "arc_easy",
-                    "--limit", str(n), "--decoders", "spade",
-                    "--spade-start", start, "--out", str(out), "--batch-size", str(BATCH),
-                    "--model-args", "prefix_token_id=0",
-                ]
-            )  # fmt: skip
-            cost = json.loads((out / "sweep.json").read_text())["cost"]
-            rows.append(
-                {
-                    "spade_start": start,
-                    "passes vs one full-depth run": cost["pass_ratio"],
-                    "wall clock vs one full-depth run": cost["time_ratio"],
-                    "SPADE's part (s)": cost["seconds_by_part"]["spade"],
-                    "threads": threads,
-                }
-            )
+    for start in ("pair", "shared"):
+        cost = sweep_cost(
+            str(model_dir), ["arc_easy"], n, "--decoders", "spade", "--spade-start", start,
+            "--batch-size", str(BATCH), "--model-args", "prefix_token_id=0",
+        )  # fmt: skip
+        rows.append(
+            {
+                "spade_start": start,
+                "passes vs one full-depth run": cost["pass_ratio"],
+                "wall clock vs one full-depth run": cost["time_ratio"],
+                "SPADE's part (s)": cost["seconds_by_part"]["spade"],
+                "threads": threads,
+            }
+        )
     return pd.DataFrame(rows)
 
 

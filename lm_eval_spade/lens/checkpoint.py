@@ -223,11 +223,14 @@ class Lens(nn.Module):
     def translate(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         return self.translators.translate(hidden, layer)
 
+    def head_input(self, arch: Architecture, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """What the head reads for `h^layer`; at the last layer no translator applies (it
+        is the model)."""
+        return hidden if layer == arch.num_layers else self.translate(hidden, layer)
+
     def logits(self, arch: Architecture, hidden: torch.Tensor, layer: int) -> torch.Tensor:
-        """Decode `h^layer`; at the last layer no translator applies (it is the model)."""
-        if layer == arch.num_layers:
-            return arch.head(hidden)
-        return arch.head(self.translate(hidden, layer))
+        """Decode `h^layer`."""
+        return arch.head(self.head_input(arch, hidden, layer))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Weights named `layers.{l}.weight` / `layers.{l}.bias`, on CPU, contiguous."""

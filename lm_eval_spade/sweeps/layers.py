@@ -12,6 +12,7 @@ exit_layer=K,decoder=D` run, at a fraction of the cost of running those one by o
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,11 +147,22 @@ def _layer_sweep(settings: SweepSettings, config: LayerSweepConfig, work: Path) 
 
 
 def cost_summary(cost: ScoringCost, columns: int) -> str:
-    """The cost line a sweep prints: against one full-depth run, and against separate runs."""
+    """The cost line a sweep prints: against one full-depth run, against separate runs, and
+    per scored position (cloze continuations are many tokens, each decoded in every column)."""
+    timed = (
+        f"one full-depth run of the same requests took {cost.full_depth_seconds:.2f} s: cost "
+        f"ratio {cost.time_ratio:.2f}x wall clock, "
+        if cost.full_depth_seconds
+        else "(full-depth run not timed) "
+    )
+    passes, seconds = cost.per_scored_position()
+    per_position = f"{passes:.1f} block-token passes" + (
+        f" and {seconds * 1e3:.2f} ms" if math.isfinite(seconds) else ""
+    )
     return (
-        f"Scored {cost.requests} requests for {columns} settings in "
-        f"{cost.seconds:.2f} s; one full-depth run of the same requests took "
-        f"{cost.full_depth_seconds:.2f} s: cost ratio {cost.time_ratio:.2f}x wall clock, "
-        f"{cost.pass_ratio:.2f}x block-token passes (one fixed-exit run per (decoder, layer) "
-        f"column would take {cost.separate_ratio:.2f}x)."
+        f"Scored {cost.requests} requests for {columns} settings in {cost.seconds:.2f} s; "
+        f"{timed}{cost.pass_ratio:.2f}x block-token passes (one fixed-exit run per "
+        f"(decoder, layer) column would take {cost.separate_ratio:.2f}x). Each of the "
+        f"{cost.scored_positions:.0f} scored positions cost {per_position} beyond the "
+        "full-depth run."
     )

@@ -54,6 +54,7 @@ class RequestScores:
     context: tuple[int, ...] | None
     order: int
     windows: int = 1
+    scored: float = 0.0  # positions scored (continuation tokens), this request's share
 
     def __add__(self, other: RequestScores) -> RequestScores:
         """Windows of one rolling document: scores and costs add up; the first window's
@@ -68,6 +69,7 @@ class RequestScores:
             self.context,
             self.order,
             self.windows + other.windows,
+            self.scored + other.scored,
         )
 
     def __radd__(self, other: Any) -> RequestScores:
@@ -224,6 +226,7 @@ class LayerwiseLM(SpadeExitLM):
                     row.positions * share,
                     context,
                     self._rows_scored,
+                    scored=cont_lens[r] * share,
                 )
                 yield (scores, False), None
             self._rows_scored += 1

@@ -3,7 +3,10 @@
 A batch of lm-eval's rows runs through the blocks once. After each block the hidden
 states at the scored positions (and each row's start token) are kept; then every
 decoding decodes all layers from them at once (`decode_layers`: SPADE's pairs of all
-layers climb the blocks together). Per row this gives the loglikelihood and greedy flag
+layers climb the blocks together), and the head runs once over the states of many
+columns (`_heads`): on a 49K vocabulary the head costs as much as eight blocks per
+position, and one product per column left it bound by reading its weights. Per row this
+gives the loglikelihood and greedy flag
 of each of its continuations in every column, the block-token passes a fixed exit at
 each column would have cost (`l * n` for the prefix plus the decoder's passes above
 `l`, as `SPADE.md` counts them), and each signal's uncertainty at every layer below L at
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +26,12 @@ import torch.nn.functional as F
 
 from lm_eval_spade.architectures import Architecture
 from lm_eval_spade.confidence import uncertainty
-from lm_eval_spade.decoders import LayerStates, SpadePositions, SpadeStart, decode_layers
+from lm_eval_spade.decoders import LayerStates, SpadePositions, SpadeStart, decode_layers_states
 from lm_eval_spade.lens import Lens
 from lm_eval_spade.sweeps.spec import Decoding, Layout
+
+#: Logits one head product may hold (float32: 128 MiB, and as much for its log-softmax).
+HEAD_CHUNK_LOGITS = 2**25
 
 
 @dataclass
@@ -111,10 +117,12 @@ def score_layers(
     passes = torch.empty(n_rows, len(layout.columns), dtype=torch.float64, device=device)
     row_lens = torch.tensor(input_lens, dtype=torch.float64, device=device)
 
+    columns: list[int] = []
+    column_states: list[torch.Tensor] = []
     for decoding in layout.decodings():
         start = time.perf_counter()
         layers = layout.layers(decoding)
-        decoded = decode_layers(
+        decoded = decode_layers_states(
             arch,
             decoding.kind,
             {layer: states[layer] for layer in layers},
@@ -124,21 +132,30 @@ def score_layers(
         )
         for layer in layers:
             c = layout.column(decoding, layer)
-            log_probs = F.log_softmax(decoded[layer].logits, dim=-1, dtype=softmax_dtype)
-            picked = log_probs[pos_index, tokens].double()
-            miss = (log_probs.argmax(dim=-1)[pos_index] != tokens).long()
-            loglik[:, c] = torch.zeros(n_hits, dtype=torch.float64, device=device).index_add_(
-                0, hit_of, picked
-            )
-            greedy[:, c] = (
-                torch.zeros(n_hits, dtype=torch.long, device=device).index_add_(0, hit_of, miss)
-                == 0
-            )
+            columns.append(c)
+            column_states.append(decoded[layer].states)
             decoded_passes = torch.zeros(n_rows, dtype=torch.float64, device=device).index_add_(
                 0, batch.rows, decoded[layer].passes.double()
             )
             passes[:, c] = layer * row_lens + decoded_passes
         timer[decoding.label] += time.perf_counter() - start
+
+    start = time.perf_counter()
+    for group, logits in _heads(arch, column_states):
+        cols = columns[group]
+        log_probs = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+        picked = log_probs[:, pos_index, tokens].double().T  # [tokens, group]
+        miss = (log_probs.argmax(dim=-1)[:, pos_index] != tokens).long().T
+        loglik[:, cols] = torch.zeros(
+            n_hits, len(cols), dtype=torch.float64, device=device
+        ).index_add_(0, hit_of, picked)
+        greedy[:, cols] = (
+            torch.zeros(n_hits, len(cols), dtype=torch.long, device=device).index_add_(
+                0, hit_of, miss
+            )
+            == 0
+        )
+    timer["head"] += time.perf_counter() - start
 
     u = _uncertainties(arch, layout, lenses, states, batch, n_rows, timer)
     positions = torch.bincount(batch.rows[batch.decision], minlength=n_rows).tolist()
@@ -210,10 +227,25 @@ def _uncertainties(
             )
             for layer in layers
         }
-        decoded = decode_layers(arch, source.kind, inputs, lens=lens)
-        for layer in layers:
-            for i in indices:
-                u = uncertainty(decoded[layer].logits, layout.signals[i].measure).cpu()
-                out[i, :, layer] = torch.zeros(n_rows).index_add_(0, rows.cpu(), u) / counts
+        decoded = decode_layers_states(arch, source.kind, inputs, lens=lens)
+        for group, logits in _heads(arch, [decoded[layer].states for layer in layers]):
+            for layer, layer_logits in zip(layers[group], logits, strict=True):
+                for i in indices:
+                    u = uncertainty(layer_logits, layout.signals[i].measure).cpu()
+                    out[i, :, layer] = torch.zeros(n_rows).index_add_(0, rows.cpu(), u) / counts
         timer[f"confidence: {source.label}"] += time.perf_counter() - start
     return out
+
+
+def _heads(arch: Architecture, states: list[torch.Tensor]) -> Iterator[tuple[slice, torch.Tensor]]:
+    """`arch.head` over equally long `[k, d]` states, as few wide products as
+    `HEAD_CHUNK_LOGITS` allows: yields which states each covers and their logits
+    `[g, k, vocab]`."""
+    if not states:
+        return
+    k = states[0].shape[0]
+    per_product = max(1, HEAD_CHUNK_LOGITS // max(1, k * arch.lm_head.out_features))
+    for first in range(0, len(states), per_product):
+        group = slice(first, min(first + per_product, len(states)))
+        logits = arch.head(torch.cat(states[group]))
+        yield group, logits.view(group.stop - group.start, k, -1)

@@ -36,6 +36,7 @@ class ScoringCost:
     full_depth_passes: float = 0.0
     separate_run_passes: float = 0.0  # what one spade-exit run per setting would take
     requests: int = 0
+    scored_positions: float = 0.0  # continuation tokens (every position, rolling)
     parts: dict[str, float] = field(default_factory=dict)  # seconds per part of scoring
 
     @property
@@ -53,9 +54,22 @@ class ScoringCost:
             return 0.0
         return self.separate_run_passes / self.full_depth_passes
 
+    def per_scored_position(self) -> tuple[float, float]:
+        """Block-token passes and seconds the sweep spent beyond the full-depth run, per
+        scored position: what decoding one continuation token in every column costs (the
+        unit that matters for cloze tasks, whose continuations are many tokens long)."""
+        n = self.scored_positions or math.nan
+        seconds = self.seconds - self.full_depth_seconds if self.full_depth_seconds else math.nan
+        return (self.block_token_passes - self.full_depth_passes) / n, seconds / n
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-ready; a ratio without its base (no full-depth timing) is None, not NaN."""
+        passes, seconds = self.per_scored_position()
+        data = {
             "requests": self.requests,
+            "scored_positions": self.scored_positions,
+            "extra_passes_per_scored_position": passes,
+            "extra_seconds_per_scored_position": seconds,
             "seconds": self.seconds,
             "full_depth_seconds": self.full_depth_seconds,
             "time_ratio": self.time_ratio,
@@ -63,8 +77,11 @@ class ScoringCost:
             "full_depth_block_token_passes": self.full_depth_passes,
             "pass_ratio": self.pass_ratio,
             "separate_runs_pass_ratio": self.separate_ratio,
-            "seconds_by_part": dict(self.parts),
         }
+        data = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in data.items()
+        }
+        return {**data, "seconds_by_part": dict(self.parts)}
 
 
 def sweep_passes(layout: Layout, scores: RequestScores) -> float:
@@ -111,6 +128,7 @@ class ScoreTable:
             self._scores[(reqtype, request.args)] = scores
             self.cost.block_token_passes += sweep_passes(lm.layout, scores)
             self.cost.full_depth_passes += scores.passes_full
+            self.cost.scored_positions += scores.scored
             self.cost.separate_run_passes += float(scores.passes.sum())
         self.cost.requests += len(requests)
         self.cost.parts = dict(lm.timer)
