@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Copy what experiments.sh made (runs/smollm2, ignored by git) into results/smollm2 and
-# render the reports: the adapter and lens the README's SmolLM2 main job uses, the
+# render the reports: the adapters and lens the README's SmolLM2 main job uses, the
 # full-depth accuracy runs, the sweeps and timed points with their reports (tables,
-# figures, leaderboard), and the main job's table.
+# figures, leaderboard), and the main job's table. Only what this machine's runs/ holds
+# is copied; everything else in results/smollm2 stays as committed.
 #
 #   bash benchmarks/smollm2/collect.sh
 set -euo pipefail
@@ -11,25 +12,37 @@ RUNS=runs/smollm2
 KEEP=results/smollm2
 SPADE=.venv/bin/lm-eval-spade
 
-copy() {  # copy SRC DST: a folder, without lm-eval-spade's output marker's host details
-  rm -rf "$KEEP/$2"
+copy() {  # copy SRC DST: a folder from runs/, replacing the committed one
+  if [ ! -e "$RUNS/$1" ]; then echo "keep $KEEP/$2 (no $RUNS/$1 here)"; return 1; fi
+  rm -rf "${KEEP:?}/$2"
   mkdir -p "$(dirname "$KEEP/$2")"
   cp -r "$RUNS/$1" "$KEEP/$2"
+  rm -rf "${KEEP:?}/$2/report"
 }
 
-copy adapters/arc adapter-arc
-copy lenses/arc-lspade lens-arc-lspade
-for run in accuracy-base accuracy-arc; do
+copy adapters/arc adapter-arc || true
+copy adapters/boolq adapter-boolq || true
+copy lenses/arc-lspade lens-arc-lspade || true
+for run in accuracy-base accuracy-arc accuracy-boolq; do
+  if [ ! -e "$RUNS/$run" ]; then continue; fi
   mkdir -p "$KEEP/$run"
   find "$RUNS/$run" -name 'results_*.json' -exec cp {} "$KEEP/$run/" \;
 done
-for sweep in choose-arc thresholds-arc layers-arc-lspade timed-arc; do
-  if [ -e "$RUNS/$sweep" ]; then copy "$sweep" "$sweep"; rm -rf "$KEEP/$sweep/report"; fi
+copied=()
+for sweep in choose-arc thresholds-arc layers-arc-lspade timed-arc layers-boolq; do
+  if copy "$sweep" "$sweep"; then copied+=("$sweep"); fi
 done
-cp "$RUNS/times.tsv" "$KEEP/times.tsv"
+# CPU times: the committed lines, then this machine's new ones
+touch "$KEEP/times.tsv"
+if [ -e "$RUNS/times.tsv" ]; then
+  grep -vxF -f "$KEEP/times.tsv" "$RUNS/times.tsv" >> "$KEEP/times.tsv" || true
+fi
 # The main job's closing table (accuracy, exits, wall clock against hf).
-sed -n '/^| run | task |/,/^$/p' "$RUNS/demo.log" > "$KEEP/demo_cpu.md"
-# One report per sweep; the timed points make the leaderboard with wall-clock speedups.
-for sweep in thresholds-arc layers-arc-lspade timed-arc; do
-  $SPADE report "$KEEP/$sweep" --out "$KEEP/$sweep/report"
+if [ -e "$RUNS/demo.log" ]; then
+  sed -n '/^| run | task |/,/^$/p' "$RUNS/demo.log" > "$KEEP/demo_cpu.md"
+fi
+# One report per copied sweep; the timed points make the leaderboard with wall-clock
+# speedups (choose-threshold writes its own tables).
+for sweep in "${copied[@]}"; do
+  if [ "$sweep" != choose-arc ]; then $SPADE report "$KEEP/$sweep" --out "$KEEP/$sweep/report"; fi
 done

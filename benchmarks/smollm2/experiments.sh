@@ -6,13 +6,16 @@
 #
 # The committed results (results/smollm2/, copied by collect.sh) come from
 #   FT=arc bash benchmarks/smollm2/experiments.sh start finetune accuracy arc timed
-# on one CPU core each (about 2.9 hours: runs/smollm2/times.tsv). The stages tuned, boolq,
-# headqa, reverse and base are the rest of the protocol; they did not run for them.
+# on one CPU core each (about 2.9 hours: runs/smollm2/times.tsv), and the BoolQ adapter's from
+#   FT=boolq bash benchmarks/smollm2/experiments.sh finetune accuracy boolq_layers
+# on two cores. The stages tuned, boolq, headqa, reverse and base are the rest of the
+# protocol; they did not run for them.
 #
-# Stages: start finetune accuracy arc timed tuned boolq headqa reverse base. Each step skips an output
-# that is already there, so an interrupted run resumes; each logs its wall clock to
-# runs/smollm2/times.tsv. Outputs go to runs/smollm2/ (ignored by git); what is kept is
-# copied to results/smollm2/ by hand, with this script as the record of what made it.
+# Stages: start finetune accuracy arc timed tuned boolq_layers boolq headqa reverse base.
+# Each step skips an output that is already there, so an interrupted run resumes; each
+# logs its wall clock to runs/smollm2/times.tsv. Outputs go to runs/smollm2/ (ignored by
+# git); collect.sh copies what is kept to results/smollm2/, with this script as the
+# record of what made it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=.venv/bin/python
@@ -149,6 +152,12 @@ timed() {  # the leaderboard's wall clock, then the README's SmolLM2 main job
 tuned() {  # the fine-tuned model's tuned lens and its layer sweep
   lens arc tuned_lens ai2_arc arc-tuned_lens
   layers arc arc_easy tuned_lens
+}
+
+boolq_layers() {  # BoolQ fine-tuned, the decoders that need no lens (time ran out for lenses)
+  step "layers-boolq" "$OUT/layers-boolq" $SPADE sweep layers --model "$MODEL" \
+    --model-args "$SPADE_ARGS,peft=$OUT/adapters/boolq" --tasks boolq --limit "$LIMIT" \
+    --decoders logit_lens spade spade_nos --no-full-depth-timing --out "$OUT/layers-boolq"
 }
 
 boolq() {
