@@ -21,10 +21,12 @@ from lmutil import DATA, REPO, STORIES, run_cli
 from lm_eval_spade.lens.jobs import DataSpec, train_and_save
 from lm_eval_spade.lens.training import LensTrainConfig
 from lm_eval_spade.lens.translators import LensKind
+from lm_eval_spade.sweeps.layers import cost_summary
 from lm_eval_spade.sweeps.report import markdown_table
 from lm_eval_spade.sweeps.settings import SweepSettings
 from lm_eval_spade.sweeps.thresholds import ThresholdSweepConfig
 from lm_eval_spade.sweeps.transfer import TransferConfig, run_transfer_sweep
+from lm_eval_spade.sweeps.views import ScoringCost
 from lm_eval_spade.tasks import offline
 
 ARC, STORY = "arc_easy_spade", "tinystories_sentences_spade"
@@ -328,3 +330,18 @@ def test_a_rerun_replaces_the_earlier_sweep_whole_and_only_when_asked(
     assert after == {"SPADE-EXIT_T0.5", *(f"static-exit-SPADE-_L{k}" for k in range(6))}
     assert json.loads((earlier / "sweep.json").read_text())["thresholds"] == [0.5]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+
+
+def test_cost_line_and_record_without_a_base_hold_no_nan():
+    """An untimed full-depth run and no scored positions: the printed line leaves those
+    numbers out and `sweep.json` records null, never NaN."""
+    cost = ScoringCost(seconds=1.5, block_token_passes=30.0, full_depth_passes=20.0, requests=2)
+    line = cost_summary(cost, 4)
+    assert "nan" not in line.lower() and "(full-depth run not timed) 1.50x" in line
+    assert "scored positions" not in line
+    record = cost.to_dict()
+    assert record["time_ratio"] is None and record["extra_passes_per_scored_position"] is None
+    cost.scored_positions = 5.0
+    assert "Each of the 5 scored positions cost 2.0 block-token passes beyond" in cost_summary(
+        cost, 4
+    )

@@ -156,13 +156,16 @@ def cost_summary(cost: ScoringCost, columns: int) -> str:
         else "(full-depth run not timed) "
     )
     passes, seconds = cost.per_scored_position()
-    per_position = f"{passes:.1f} block-token passes" + (
-        f" and {seconds * 1e3:.2f} ms" if math.isfinite(seconds) else ""
+    per_position = (
+        f" Each of the {cost.scored_positions:.0f} scored positions cost {passes:.1f} "
+        "block-token passes"
+        + (f" and {seconds * 1e3:.2f} ms" if math.isfinite(seconds) else "")
+        + " beyond the full-depth run."
+        if cost.scored_positions
+        else ""
     )
     return (
         f"Scored {cost.requests} requests for {columns} settings in {cost.seconds:.2f} s; "
         f"{timed}{cost.pass_ratio:.2f}x block-token passes (one fixed-exit run per "
-        f"(decoder, layer) column would take {cost.separate_ratio:.2f}x). Each of the "
-        f"{cost.scored_positions:.0f} scored positions cost {per_position} beyond the "
-        "full-depth run."
+        f"(decoder, layer) column would take {cost.separate_ratio:.2f}x).{per_position}"
     )

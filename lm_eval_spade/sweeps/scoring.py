@@ -2,16 +2,16 @@
 
 A batch of lm-eval's rows runs through the blocks once. After each block the hidden
 states at the scored positions (and each row's start token) are kept; then every
-decoding decodes all layers from them at once (`decode_layers`: SPADE's pairs of all
-layers climb the blocks together), and the head runs once over the states of many
+decoding decodes all layers from them at once (`decode_layers_states`: SPADE's pairs of
+all layers climb the blocks together), and the head runs once over the states of many
 columns (`_heads`): on a 49K vocabulary the head costs as much as eight blocks per
 position, and one product per column left it bound by reading its weights. Per row this
-gives the loglikelihood and greedy flag
-of each of its continuations in every column, the block-token passes a fixed exit at
-each column would have cost (`l * n` for the prefix plus the decoder's passes above
-`l`, as `SPADE.md` counts them), and each signal's uncertainty at every layer below L at
-the row's decision position(s) (the answer position; for rolling rows, the mean over
-all scored positions, as `exiting.py` decides).
+gives the loglikelihood and greedy flag of each of its continuations in every column,
+the block-token passes a fixed exit at each column would have cost (`l * n` for the
+prefix plus the decoder's passes above `l`, as `SPADE.md` counts them), and each
+signal's uncertainty at every layer below L at the row's decision position(s) (the
+answer position; for rolling rows, the mean over all scored positions, as `exiting.py`
+decides).
 """
 
 from __future__ import annotations
