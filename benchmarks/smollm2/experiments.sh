@@ -154,7 +154,7 @@ tuned() {  # the fine-tuned model's tuned lens and its layer sweep
   layers arc arc_easy tuned_lens
 }
 
-boolq_layers() {  # BoolQ fine-tuned, the decoders that need no lens (time ran out for lenses)
+boolq_layers() {  # BoolQ fine-tuned: the decoders that need no lens (none was trained for it)
   step "layers-boolq" "$OUT/layers-boolq" $SPADE sweep layers --model "$MODEL" \
     --model-args "$SPADE_ARGS,peft=$OUT/adapters/boolq" --tasks boolq --limit "$LIMIT" \
     --decoders logit_lens spade spade_nos --no-full-depth-timing --out "$OUT/layers-boolq"
