@@ -345,3 +345,7 @@ def test_cost_line_and_record_without_a_base_hold_no_nan():
     assert "Each of the 5 scored positions cost 2.0 block-token passes beyond" in cost_summary(
         cost, 4
     )
+    cost.full_depth_seconds = 2.0  # the sweep beat the separately timed full-depth run
+    assert "2.0 block-token passes (and 100.00 ms less wall clock) beyond" in cost_summary(cost, 4)
+    cost.full_depth_seconds = 1.0
+    assert "2.0 block-token passes and 100.00 ms beyond" in cost_summary(cost, 4)

@@ -146,6 +146,16 @@ def _layer_sweep(settings: SweepSettings, config: LayerSweepConfig, work: Path) 
     )
 
 
+def _extra_time(seconds: float) -> str:
+    """The wall clock per position beyond the full-depth run: a sweep that decodes few
+    columns can beat a separately timed full-depth run, and then says so."""
+    if not math.isfinite(seconds):
+        return ""
+    if seconds < 0:
+        return f" (and {-seconds * 1e3:.2f} ms less wall clock)"
+    return f" and {seconds * 1e3:.2f} ms"
+
+
 def cost_summary(cost: ScoringCost, columns: int) -> str:
     """The cost line a sweep prints: against one full-depth run, against separate runs, and
     per scored position (cloze continuations are many tokens, each decoded in every column)."""
@@ -158,9 +168,7 @@ def cost_summary(cost: ScoringCost, columns: int) -> str:
     passes, seconds = cost.per_scored_position()
     per_position = (
         f" Each of the {cost.scored_positions:.0f} scored positions cost {passes:.1f} "
-        "block-token passes"
-        + (f" and {seconds * 1e3:.2f} ms" if math.isfinite(seconds) else "")
-        + " beyond the full-depth run."
+        f"block-token passes{_extra_time(seconds)} beyond the full-depth run."
         if cost.scored_positions
         else ""
     )
