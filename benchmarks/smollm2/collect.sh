@@ -22,14 +22,17 @@ copy() {  # copy SRC DST: a folder from runs/, replacing the committed one
 
 copy adapters/arc adapter-arc || true
 copy adapters/boolq adapter-boolq || true
-copy lenses/arc-lspade lens-arc-lspade || true
+for lens in arc-lspade arc-tuned_lens boolq-lspade boolq-lspade-from-arc; do
+  copy "lenses/$lens" "lens-$lens" || true
+done
 for run in accuracy-base accuracy-arc accuracy-boolq; do
   if [ ! -e "$RUNS/$run" ]; then continue; fi
   mkdir -p "$KEEP/$run"
   find "$RUNS/$run" -name 'results_*.json' -exec cp {} "$KEEP/$run/" \;
 done
 copied=()
-for sweep in choose-arc thresholds-arc layers-arc-lspade timed-arc layers-boolq; do
+for sweep in choose-arc thresholds-arc layers-arc-lspade layers-arc-tuned_lens timed-arc \
+  layers-boolq layers-boolq-lspade transfer-boolq; do
   if copy "$sweep" "$sweep"; then copied+=("$sweep"); fi
 done
 # CPU times: the committed lines, then this machine's new ones

@@ -11,7 +11,8 @@
 # on two cores. The stages tuned, boolq, headqa, reverse and base are the rest of the
 # protocol; they did not run for them.
 #
-# Stages: start finetune accuracy arc timed tuned boolq_layers boolq headqa reverse base.
+# Stages: start finetune accuracy arc timed tuned boolq_layers boolq (= boolq_lspade boolq_tuned)
+# headqa reverse base.
 # Each step skips an output that is already there, so an interrupted run resumes; each
 # logs its wall clock to runs/smollm2/times.tsv. Outputs go to runs/smollm2/ (ignored by
 # git); collect.sh copies what is kept to results/smollm2/, with this script as the
@@ -76,10 +77,12 @@ LENS_LAYERS=$(seq -s ' ' 12 29)
 lens() {  # lens MODEL KIND DATA NAME: a lens of the fine-tuned MODEL trained on DATA's prompts
   local m=$1 kind=$2 data=$3 name=$4 steps=200 batch=16
   if [ "$kind" = tuned_lens ]; then steps=100; batch=8; fi  # a head per position: costlier
+  # --cache-mb: BoolQ's long prompts need about 3 GiB of L-SPADE targets; kept in memory,
+  # they are made once instead of at every step (the targets are the same either way).
   step "lens-$name" "$OUT/lenses/$name" $SPADE train-lens --model "$MODEL" \
     --peft "$OUT/adapters/$m" --kind "$kind" --data "$data" --layers $LENS_LAYERS \
     --steps $steps --batch-size $batch --lr 1e-3 --seed 0 --prefix-token-id $START \
-    --out "$OUT/lenses/$name"
+    --cache-mb 4096 --out "$OUT/lenses/$name"
 }
 
 SPADE_ARGS="prefix_token_id=$START"
@@ -160,13 +163,21 @@ boolq_layers() {  # BoolQ fine-tuned: the decoders that need no lens (none was t
     --decoders logit_lens spade spade_nos --no-full-depth-timing --out "$OUT/layers-boolq"
 }
 
-boolq() {
+boolq_lspade() {  # BoolQ's own L-SPADE and one trained on ARC prompts (figure 6), then figure 5
   lens boolq lspade boolq boolq-lspade
   lens boolq lspade ai2_arc boolq-lspade-from-arc
   transfer boolq boolq "boolq=$OUT/lenses/boolq-lspade" "ai2_arc=$OUT/lenses/boolq-lspade-from-arc"
   layers boolq boolq lspade
+}
+
+boolq_tuned() {
   lens boolq tuned_lens boolq boolq-tuned_lens
   layers boolq boolq tuned_lens
+}
+
+boolq() {
+  boolq_lspade
+  boolq_tuned
 }
 
 headqa() {
