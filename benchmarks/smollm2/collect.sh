@@ -49,3 +49,7 @@ fi
 for sweep in "${copied[@]}"; do
   if [ "$sweep" != choose-arc ]; then $SPADE report "$KEEP/$sweep" --out "$KEEP/$sweep/report"; fi
 done
+# Figures 3/4/7 on ARC-Easy with every decoder: the L-SPADE and tuned-lens sweeps together.
+if [ -e "$KEEP/layers-arc-lspade" ] && [ -e "$KEEP/layers-arc-tuned_lens" ]; then
+  $SPADE report "$KEEP/layers-arc-lspade" "$KEEP/layers-arc-tuned_lens" --out "$KEEP/layers-arc-report"
+fi

@@ -6,9 +6,11 @@
 #
 # The committed results (results/smollm2/, copied by collect.sh) come from
 #   FT=arc bash benchmarks/smollm2/experiments.sh start finetune accuracy arc timed
-# on one CPU core each (about 2.9 hours: runs/smollm2/times.tsv), and the BoolQ adapter's from
-#   FT=boolq bash benchmarks/smollm2/experiments.sh finetune accuracy boolq_layers
-# on two cores. The stages tuned, boolq, headqa, reverse and base are the rest of the
+# on one CPU core each (about 2.9 hours: runs/smollm2/times.tsv), the BoolQ adapter's from
+#   FT=boolq bash benchmarks/smollm2/experiments.sh finetune accuracy boolq_layers boolq_lspade
+# and the ARC tuned lens from
+#   bash benchmarks/smollm2/experiments.sh tuned
+# on two cores. The stages boolq_tuned, headqa, reverse and base are the rest of the
 # protocol; they did not run for them.
 #
 # Stages: start finetune accuracy arc timed tuned boolq_layers boolq (= boolq_lspade boolq_tuned)
