@@ -14,7 +14,7 @@
 # protocol; they did not run for them.
 #
 # Stages: start finetune accuracy arc timed tuned boolq_layers boolq (= boolq_lspade boolq_tuned)
-# headqa reverse base.
+# headqa reverse reverse_boolq base.
 # Each step skips an output that is already there, so an interrupted run resumes; each
 # logs its wall clock to runs/smollm2/times.tsv. Outputs go to runs/smollm2/ (ignored by
 # git); collect.sh copies what is kept to results/smollm2/, with this script as the
@@ -197,6 +197,15 @@ reverse() {  # the reverse transfer: L-SPADE trained on BoolQ and HeadQA prompts
   lens arc lspade headqa_en arc-lspade-from-headqa
   transfer arc arc_easy "ai2_arc=$OUT/lenses/arc-lspade" \
     "boolq=$OUT/lenses/arc-lspade-from-boolq" "headqa_en=$OUT/lenses/arc-lspade-from-headqa"
+}
+
+reverse_boolq() {  # the reverse transfer from BoolQ alone: ARC's own lens against one on BoolQ prompts
+  lens arc lspade boolq arc-lspade-from-boolq
+  step "transfer-arc-from-boolq" "$OUT/transfer-arc-from-boolq" $SPADE sweep transfer \
+    --model "$MODEL" --model-args "$SPADE_ARGS,peft=$OUT/adapters/arc" --tasks arc_easy \
+    --limit "$LIMIT" --lens "ai2_arc=results/smollm2/lens-arc-lspade" \
+    "boolq=$OUT/lenses/arc-lspade-from-boolq" --min-layer 12 --thresholds $THRESHOLDS \
+    --out "$OUT/transfer-arc-from-boolq"
 }
 
 base() {  # figure 8: the un-fine-tuned model, every decoder at every layer

@@ -183,10 +183,15 @@ def evaluate_kl(
     config: LensTrainConfig,
     ids: list[list[int]],
     layers: list[int],
+    desc: str | None = None,
 ) -> dict[int, float]:
-    """Mean KL(target || lens) per position at each layer; `lens=None` is logit lens."""
+    """Mean KL(target || lens) per position at each layer; `lens=None` is logit lens.
+
+    `desc`: show a progress bar with this label (a tuned lens's held-out targets, every
+    position through the head at every layer, take minutes on CPU)."""
     totals, count = dict.fromkeys(layers, 0.0), 0
-    for start in range(0, len(ids), config.batch_size):
+    starts = range(0, len(ids), config.batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None):
         targets = make_targets(arch, config, ids[start : start + config.batch_size], layers)
         count += targets.positions
         for layer in layers:
@@ -262,7 +267,8 @@ def train_lens(
             config.steps, config.batch_size, len(used), len(train_ids),
         )  # fmt: skip
     with _frozen(model):
-        before = evaluate_kl(arch, None, config, eval_ids, layers) if eval_ids else {}
+        held_out = "held-out KL, logit lens" if progress else None
+        before = evaluate_kl(arch, None, config, eval_ids, layers, held_out) if eval_ids else {}
         source = TargetSource(arch, config, train_ids, layers, progress, used)
         bar = tqdm(batches, desc=f"train {config.kind.value}", disable=not progress)
         for step, batch in enumerate(bar):
@@ -277,7 +283,8 @@ def train_lens(
                 step + 1, config.steps, losses[-1], lens.named_parameters(), config.lr
             )
             bar.set_postfix(kl=f"{losses[-1]:.4f}")
-        after = evaluate_kl(arch, lens, config, eval_ids, layers) if eval_ids else {}
+        held_out = f"held-out KL, {config.kind.value}" if progress else None
+        after = evaluate_kl(arch, lens, config, eval_ids, layers, held_out) if eval_ids else {}
 
     report = pd.DataFrame(
         {
