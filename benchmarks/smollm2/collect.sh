@@ -22,7 +22,7 @@ copy() {  # copy SRC DST: a folder from runs/, replacing the committed one
 
 copy adapters/arc adapter-arc || true
 copy adapters/boolq adapter-boolq || true
-for lens in arc-lspade arc-tuned_lens boolq-lspade boolq-lspade-from-arc; do
+for lens in arc-lspade arc-tuned_lens arc-lspade-from-boolq boolq-lspade boolq-lspade-from-arc; do
   copy "lenses/$lens" "lens-$lens" || true
 done
 for run in accuracy-base accuracy-arc accuracy-boolq; do
@@ -32,7 +32,7 @@ for run in accuracy-base accuracy-arc accuracy-boolq; do
 done
 copied=()
 for sweep in choose-arc thresholds-arc layers-arc-lspade layers-arc-tuned_lens timed-arc \
-  layers-boolq layers-boolq-lspade transfer-boolq; do
+  layers-boolq layers-boolq-lspade transfer-boolq transfer-arc-from-boolq; do
   if copy "$sweep" "$sweep"; then copied+=("$sweep"); fi
 done
 # CPU times: the committed lines, then this machine's new ones
@@ -51,5 +51,6 @@ for sweep in "${copied[@]}"; do
 done
 # Figures 3/4/7 on ARC-Easy with every decoder: the L-SPADE and tuned-lens sweeps together.
 if [ -e "$KEEP/layers-arc-lspade" ] && [ -e "$KEEP/layers-arc-tuned_lens" ]; then
-  $SPADE report "$KEEP/layers-arc-lspade" "$KEEP/layers-arc-tuned_lens" --out "$KEEP/layers-arc-report"
+  $SPADE report "$KEEP/layers-arc-lspade" "$KEEP/layers-arc-tuned_lens" --overwrite \
+    --out "$KEEP/layers-arc-report"
 fi

@@ -8,8 +8,8 @@
 #   FT=arc bash benchmarks/smollm2/experiments.sh start finetune accuracy arc timed
 # on one CPU core each (about 2.9 hours: runs/smollm2/times.tsv), the BoolQ adapter's from
 #   FT=boolq bash benchmarks/smollm2/experiments.sh finetune accuracy boolq_layers boolq_lspade
-# and the ARC tuned lens from
-#   bash benchmarks/smollm2/experiments.sh tuned
+# and the ARC tuned lens and the reverse transfer from BoolQ from
+#   bash benchmarks/smollm2/experiments.sh tuned reverse_boolq
 # on two cores. The stages boolq_tuned, headqa, reverse and base are the rest of the
 # protocol; they did not run for them.
 #
@@ -115,9 +115,11 @@ layers() {  # figures 3/4/7: every decoder at every layer (LENS: lspade or tuned
 transfer() {  # figure 6: SPADE-EXIT with the model's own L-SPADE and one trained on other data
   local m=$1 tasks=$2
   shift 2
+  # --train-tasks: the given lenses only (else a lens is trained for each --tasks task)
   step "transfer-$m" "$OUT/transfer-$m" $SPADE sweep transfer --model "$MODEL" \
     --model-args "$SPADE_ARGS,peft=$OUT/adapters/$m" --tasks $tasks --limit "$LIMIT" \
-    --lens "$@" --min-layer 12 --thresholds $THRESHOLDS --out "$OUT/transfer-$m"
+    --lens "$@" --train-tasks "${@%%=*}" --min-layer 12 --thresholds $THRESHOLDS \
+    --out "$OUT/transfer-$m"
 }
 
 accuracy() {  # full depth before and after LoRA, on spade-exit's tokens (start token first)
@@ -204,8 +206,8 @@ reverse_boolq() {  # the reverse transfer from BoolQ alone: ARC's own lens again
   step "transfer-arc-from-boolq" "$OUT/transfer-arc-from-boolq" $SPADE sweep transfer \
     --model "$MODEL" --model-args "$SPADE_ARGS,peft=$OUT/adapters/arc" --tasks arc_easy \
     --limit "$LIMIT" --lens "ai2_arc=results/smollm2/lens-arc-lspade" \
-    "boolq=$OUT/lenses/arc-lspade-from-boolq" --min-layer 12 --thresholds $THRESHOLDS \
-    --out "$OUT/transfer-arc-from-boolq"
+    "boolq=$OUT/lenses/arc-lspade-from-boolq" --train-tasks ai2_arc boolq --min-layer 12 \
+    --thresholds $THRESHOLDS --out "$OUT/transfer-arc-from-boolq"
 }
 
 base() {  # figure 8: the un-fine-tuned model, every decoder at every layer
