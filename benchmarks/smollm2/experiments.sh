@@ -167,7 +167,7 @@ boolq_layers() {  # BoolQ fine-tuned: the decoders that need no lens (none was t
     --decoders logit_lens spade spade_nos --no-full-depth-timing --out "$OUT/layers-boolq"
 }
 
-boolq_lspade() {  # BoolQ's own L-SPADE and one trained on ARC prompts (figure 6), then figure 5
+boolq_lspade() {  # BoolQ's own L-SPADE and one trained on ARC prompts (figure 6), then figures 3/4/7
   lens boolq lspade boolq boolq-lspade
   lens boolq lspade ai2_arc boolq-lspade-from-arc
   transfer boolq boolq "boolq=$OUT/lenses/boolq-lspade" "ai2_arc=$OUT/lenses/boolq-lspade-from-arc"
