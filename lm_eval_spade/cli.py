@@ -187,8 +187,13 @@ def _report(args: argparse.Namespace) -> None:
     print("wrote " + ", ".join(str(f) for f in report.files))
 
 
-def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
-    """What every sweep takes: model, tasks, output, and lm-eval's settings."""
+def _add_sweep_options(parser: argparse.ArgumentParser, spade_start: str) -> None:
+    """What every sweep takes: model, tasks, output, and lm-eval's settings.
+
+    `spade_start` is the sweep's default climb of SPADE's start token: `shared` for the
+    layer sweep, whose only cost figure is its own (the shared climb halves it, same
+    scores), `pair` where the sweep reports compute fractions that spade-exit's default
+    run must reproduce."""
     add = parser.add_argument
     add("--model", required=True, help="model directory or hub id")
     add("--tasks", required=True, nargs="+",
@@ -204,7 +209,7 @@ def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
     add("--include-path", help="extra lm-eval task folder")
     add("--spade-positions", default="original", choices=["original", "compact"],
         help="position ids of SPADE's pair (default: %(default)s)")  # fmt: skip
-    add("--spade-start", default="pair", choices=["pair", "shared"],
+    add("--spade-start", default=spade_start, choices=["pair", "shared"],
         help="SPADE's start token climbs with each position (pair) or once per batch and "
         "layer, each position attending to its keys/values (shared: same scores, about "
         "half the passes) (default: %(default)s)")  # fmt: skip
@@ -229,7 +234,7 @@ def _sweep_parser(
 ) -> argparse.ArgumentParser:
     """A `sweep NAME` parser with the options every sweep (and every threshold sweep) has."""
     parser = kinds.add_parser(name, help=help, description=description)
-    _add_sweep_options(parser)
+    _add_sweep_options(parser, "pair" if thresholds else "shared")
     if thresholds:
         _add_threshold_options(parser)
     parser.set_defaults(run=run)

@@ -150,13 +150,14 @@ def test_bad_spade_start(args, words):
 
 def test_layer_sweep_with_a_shared_start(tmp_path):
     """The calibration model's SPADE sweep: same accuracy at every layer, and below L a
-    compute fraction that counts one pass per decoded position above the layer."""
+    compute fraction that counts one pass per decoded position above the layer. `shared`
+    is the layer sweep's default (the threshold sweeps keep spade-exit's `pair`)."""
     runs = {}
-    for start in ("pair", "shared"):
+    for start, chosen in (("pair", ["--spade-start", "pair"]), ("shared", [])):
         out = tmp_path / start
         run_cli(
             "sweep", "layers", "--model", "spade-calibration", "--tasks", "spade_calibration",
-            "--limit", "24", "--decoders", "spade", "--spade-start", start, "--out", str(out),
+            "--limit", "24", "--decoders", "spade", *chosen, "--out", str(out),
             "--no-full-depth-timing",
         )  # fmt: skip
         runs[start] = out

@@ -56,6 +56,7 @@ def layer_sweep(tmp_path_factory, lens) -> tuple[Path, str]:
     printed = run_cli(
         "sweep", "layers", "--model", str(STORIES), "--tasks", STORY, ARC,
         "--limit", str(LIMIT), "--batch-size", "4", "--out", str(out), "--lens", str(lens),
+        "--spade-start", "pair",  # the pass counts below are the pair's
     )  # fmt: skip
     return out, printed
 
