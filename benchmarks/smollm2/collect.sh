@@ -22,17 +22,20 @@ copy() {  # copy SRC DST: a folder from runs/, replacing the committed one
 
 copy adapters/arc adapter-arc || true
 copy adapters/boolq adapter-boolq || true
-for lens in arc-lspade arc-tuned_lens arc-lspade-from-boolq boolq-lspade boolq-lspade-from-arc; do
+copy adapters/headqa adapter-headqa || true
+for lens in arc-lspade arc-tuned_lens arc-lspade-from-boolq boolq-lspade boolq-lspade-from-arc \
+  headqa-lspade headqa-lspade-from-arc; do
   copy "lenses/$lens" "lens-$lens" || true
 done
-for run in accuracy-base accuracy-arc accuracy-boolq; do
+for run in accuracy-base accuracy-arc accuracy-boolq accuracy-headqa accuracy-letters; do
   if [ ! -e "$RUNS/$run" ]; then continue; fi
   mkdir -p "$KEEP/$run"
   find "$RUNS/$run" -name 'results_*.json' -exec cp {} "$KEEP/$run/" \;
 done
 copied=()
 for sweep in choose-arc thresholds-arc layers-arc-lspade layers-arc-tuned_lens timed-arc \
-  layers-boolq layers-boolq-lspade transfer-boolq transfer-arc-from-boolq; do
+  layers-boolq layers-boolq-lspade transfer-boolq transfer-arc-from-boolq layers-headqa-lspade \
+  transfer-headqa; do
   if copy "$sweep" "$sweep"; then copied+=("$sweep"); fi
 done
 # CPU times: the committed lines, then this machine's new ones
