@@ -152,6 +152,8 @@ def test_threshold_sweep_equals_spade_exit_runs(threshold_sweep, task_manager):
         assert_same_run(swept, real, [ARC])
     # inf exits everything at the first check
     assert results(out, "SPADE-EXIT_Tinf")["config"]["spade"]["tasks"][ARC]["mean_exit_layer"] == 1
+    # the threshold sweeps keep spade-exit's default climb (the layer sweep shares it)
+    assert results(out, "SPADE-EXIT_T2.5")["config"]["spade"]["config"]["spade_start"] == "pair"
     assert "SPADE-EXIT" in printed and "cost ratio" in printed
 
 
