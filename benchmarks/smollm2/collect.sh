@@ -23,8 +23,13 @@ copy() {  # copy SRC DST: a folder from runs/, replacing the committed one
 copy adapters/arc adapter-arc || true
 copy adapters/boolq adapter-boolq || true
 copy adapters/headqa adapter-headqa || true
-for lens in arc-lspade arc-tuned_lens arc-lspade-from-boolq boolq-lspade boolq-lspade-from-arc \
-  headqa-lspade headqa-lspade-from-arc; do
+# The letter-prompt adapter is a negative result: only its record (settings, losses) is kept.
+if [ -e "$RUNS/adapters/letters/finetune.json" ]; then
+  cp "$RUNS/adapters/letters/finetune.json" "$KEEP/finetune-letters.json"
+fi
+for lens in arc-lspade arc-tuned_lens arc-lspade-from-boolq arc-lspade-from-headqa boolq-lspade \
+  boolq-lspade-from-arc boolq-tuned_lens headqa-lspade headqa-lspade-from-arc headqa-tuned_lens \
+  base-lspade; do
   copy "lenses/$lens" "lens-$lens" || true
 done
 for run in accuracy-base accuracy-arc accuracy-boolq accuracy-headqa accuracy-letters; do
@@ -34,8 +39,9 @@ for run in accuracy-base accuracy-arc accuracy-boolq accuracy-headqa accuracy-le
 done
 copied=()
 for sweep in choose-arc thresholds-arc layers-arc-lspade layers-arc-tuned_lens timed-arc \
-  layers-boolq layers-boolq-lspade transfer-boolq transfer-arc-from-boolq layers-headqa-lspade \
-  transfer-headqa; do
+  layers-boolq layers-boolq-lspade layers-boolq-tuned_lens transfer-boolq transfer-arc-from-boolq \
+  transfer-arc layers-headqa-lspade layers-headqa-tuned_lens transfer-headqa layers-base-arc_easy \
+  layers-base-boolq layers-base-headqa_en; do
   if copy "$sweep" "$sweep"; then copied+=("$sweep"); fi
 done
 # CPU times: the committed lines, then this machine's new ones
@@ -52,8 +58,10 @@ fi
 for sweep in "${copied[@]}"; do
   if [ "$sweep" != choose-arc ]; then $SPADE report "$KEEP/$sweep" --out "$KEEP/$sweep/report"; fi
 done
-# Figures 3/4/7 on ARC-Easy with every decoder: the L-SPADE and tuned-lens sweeps together.
-if [ -e "$KEEP/layers-arc-lspade" ] && [ -e "$KEEP/layers-arc-tuned_lens" ]; then
-  $SPADE report "$KEEP/layers-arc-lspade" "$KEEP/layers-arc-tuned_lens" --overwrite \
-    --out "$KEEP/layers-arc-report"
-fi
+# Figures 3/4/7 with every decoder: each task's L-SPADE and tuned-lens sweeps together.
+for m in arc boolq headqa; do
+  if [ -e "$KEEP/layers-$m-lspade" ] && [ -e "$KEEP/layers-$m-tuned_lens" ]; then
+    $SPADE report "$KEEP/layers-$m-lspade" "$KEEP/layers-$m-tuned_lens" --overwrite \
+      --out "$KEEP/layers-$m-report"
+  fi
+done

@@ -12,12 +12,15 @@
 #   bash benchmarks/smollm2/experiments.sh tuned reverse_boolq
 # and the HeadQA adapter, its L-SPADE lenses, transfer and layer sweeps from
 #   FT=headqa bash benchmarks/smollm2/experiments.sh finetune accuracy headqa_lspade
-# on two cores. The stages boolq_tuned, headqa_tuned, reverse, letters and base are the
-# rest of the protocol; they did not run for them (letters was started beside a test run,
-# took 8-10 s a step, and was stopped after 14 of its 844 steps).
+# on two cores; then, as two one-core jobs side by side,
+#   OMP_NUM_THREADS=1 FT=arc taskset -c 0 bash benchmarks/smollm2/experiments.sh reverse base_arc base_boolq
+#   OMP_NUM_THREADS=1 taskset -c 1 bash benchmarks/smollm2/experiments.sh letters headqa_tuned
+# and base_headqa on two threads after them. The stage boolq_tuned is the rest of the
+# protocol; it has not run (a tuned lens on BoolQ's long prompts would take over an hour).
 #
 # Stages: start finetune accuracy arc timed tuned boolq_layers boolq (= boolq_lspade boolq_tuned)
-# headqa (= headqa_lspade headqa_tuned) reverse reverse_boolq letters base.
+# headqa (= headqa_lspade headqa_tuned) reverse reverse_boolq letters base (= base_arc
+# base_boolq base_headqa).
 # Each step skips an output that is already there, so an interrupted run resumes; each
 # logs its wall clock to runs/smollm2/times.tsv. Outputs go to runs/smollm2/ (ignored by
 # git); collect.sh copies what is kept to results/smollm2/, with this script as the
@@ -205,10 +208,11 @@ headqa() {
   headqa_tuned
 }
 
-letters() {  # the second letter-prompt recipe: 3 epochs at rank 32 (the first, 0.9 epoch at
-  # rank 16 and lr 1e-3, stayed at chance), at the learning rate of the cloze adapters
+letters() {  # the second letter-prompt recipe: 2 epochs at rank 32 (the first, 0.9 epoch at
+  # rank 16 and lr 1e-3, stayed at chance), at the learning rate of the cloze adapters;
+  # 2 epochs, not 3, to keep it within the hour of CPU the protocol allows it
   step "finetune-letters" "$OUT/adapters/letters" $SPADE finetune --model "$MODEL" \
-    --task arc_easy_spade --steps 844 --batch-size 8 --rank 32 --alpha 64 --lr 3e-4 \
+    --task arc_easy_spade --steps 562 --batch-size 8 --rank 32 --alpha 64 --lr 3e-4 \
     --seed 0 --prefix-token-id $START --out "$OUT/adapters/letters"
   step "accuracy-letters" "$OUT/accuracy-letters" .venv/bin/lm_eval --model spade-exit \
     --model_args "pretrained=$MODEL,$SPADE_ARGS,exit_layer=30,peft=$OUT/adapters/letters" \
@@ -232,13 +236,27 @@ reverse_boolq() {  # the reverse transfer from BoolQ alone: ARC's own lens again
     --thresholds $THRESHOLDS --out "$OUT/transfer-arc-from-boolq"
 }
 
-base() {  # figure 8: the un-fine-tuned model, every decoder at every layer
+base_lens() {  # figure 8's L-SPADE: a lens of the un-fine-tuned model, on ARC train prompts
   step "lens-base-lspade" "$OUT/lenses/base-lspade" $SPADE train-lens --model "$MODEL" \
     --kind lspade --data ai2_arc --layers $LENS_LAYERS --steps 200 --batch-size 16 \
     --lr 1e-3 --seed 0 --prefix-token-id $START --out "$OUT/lenses/base-lspade"
-  step "layers-base" "$OUT/layers-base" $SPADE sweep layers --model "$MODEL" \
-    --model-args "$SPADE_ARGS" --tasks arc_easy boolq headqa_en --limit "$LIMIT" \
-    --lens "$OUT/lenses/base-lspade" --out "$OUT/layers-base"
+}
+
+base_layers() {  # base_layers TASK: figure 8, the un-fine-tuned model, every decoder at every layer
+  step "layers-base-$1" "$OUT/layers-base-$1" $SPADE sweep layers --model "$MODEL" \
+    --model-args "$SPADE_ARGS" --tasks "$1" --limit "$LIMIT" \
+    --lens "$OUT/lenses/base-lspade" --out "$OUT/layers-base-$1"
+}
+
+# One stage per task, so that two one-core jobs can share them.
+base_arc() { base_lens; base_layers arc_easy; }
+base_boolq() { base_lens; base_layers boolq; }
+base_headqa() { base_lens; base_layers headqa_en; }
+
+base() {
+  base_arc
+  base_boolq
+  base_headqa
 }
 
 stages=("$@")
