@@ -15,8 +15,10 @@
 # on two cores; then, as two one-core jobs side by side,
 #   OMP_NUM_THREADS=1 FT=arc taskset -c 0 bash benchmarks/smollm2/experiments.sh reverse base_arc base_boolq
 #   OMP_NUM_THREADS=1 taskset -c 1 bash benchmarks/smollm2/experiments.sh letters headqa_tuned
-# and base_headqa on two threads after them. The stage boolq_tuned is the rest of the
-# protocol; it has not run (a tuned lens on BoolQ's long prompts would take over an hour).
+# and base_headqa on two threads after them (reverse found runs/smollm2/lenses/arc-lspade
+# copied from results/smollm2/lens-arc-lspade, the kept lens). The stage boolq_tuned is the
+# rest of the protocol; it has not run (a tuned lens on BoolQ's long prompts would take,
+# by our estimate, well over an hour).
 #
 # Stages: start finetune accuracy arc timed tuned boolq_layers boolq (= boolq_lspade boolq_tuned)
 # headqa (= headqa_lspade headqa_tuned) reverse reverse_boolq letters base (= base_arc
