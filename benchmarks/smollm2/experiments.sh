@@ -16,13 +16,13 @@
 #   OMP_NUM_THREADS=1 FT=arc taskset -c 0 bash benchmarks/smollm2/experiments.sh reverse base_arc base_boolq
 #   OMP_NUM_THREADS=1 taskset -c 1 bash benchmarks/smollm2/experiments.sh letters headqa_tuned
 # and base_headqa on two threads after them (reverse found runs/smollm2/lenses/arc-lspade
-# copied from results/smollm2/lens-arc-lspade, the kept lens). The stage boolq_tuned is the
-# rest of the protocol; it has not run (a tuned lens on BoolQ's long prompts would take,
-# by our estimate, well over an hour).
+# copied from results/smollm2/lens-arc-lspade, the kept lens); last, on two threads alone,
+#   bash benchmarks/smollm2/experiments.sh boolq_tuned boolq_answers
+# (BoolQ's tuned lens: 87 minutes, its loss covering every position of the long prompts).
 #
-# Stages: start finetune accuracy arc timed tuned boolq_layers boolq (= boolq_lspade boolq_tuned)
-# headqa (= headqa_lspade headqa_tuned) reverse reverse_boolq letters base (= base_arc
-# base_boolq base_headqa).
+# Stages: start finetune accuracy arc timed tuned boolq_layers boolq (= boolq_lspade
+# boolq_tuned boolq_answers) headqa (= headqa_lspade headqa_tuned) reverse reverse_boolq
+# letters base (= base_arc base_boolq base_headqa).
 # Each step skips an output that is already there, so an interrupted run resumes; each
 # logs its wall clock to runs/smollm2/times.tsv. Outputs go to runs/smollm2/ (ignored by
 # git); collect.sh copies what is kept to results/smollm2/, with this script as the
@@ -169,7 +169,7 @@ tuned() {  # the fine-tuned model's tuned lens and its layer sweep
   layers arc arc_easy tuned_lens
 }
 
-boolq_layers() {  # BoolQ fine-tuned: the decoders that need no lens (none was trained for it)
+boolq_layers() {  # BoolQ fine-tuned: the decoders that need no lens (run before its lenses)
   step "layers-boolq" "$OUT/layers-boolq" $SPADE sweep layers --model "$MODEL" \
     --model-args "$SPADE_ARGS,peft=$OUT/adapters/boolq" --tasks boolq --limit "$LIMIT" \
     --decoders logit_lens spade spade_nos --no-full-depth-timing --out "$OUT/layers-boolq"
@@ -187,9 +187,26 @@ boolq_tuned() {
   layers boolq boolq tuned_lens
 }
 
+answers() {  # answers NAME MODEL_ARGS: BoolQ with lm-eval's per-question samples kept
+  step "answers-boolq-$1" "$OUT/answers-boolq-$1" .venv/bin/lm_eval --model spade-exit \
+    --model_args "pretrained=$MODEL,$SPADE_ARGS,peft=$OUT/adapters/boolq,$2" --tasks boolq \
+    --limit "$LIMIT" --device cpu --batch_size 16 --log_samples \
+    --output_path "$OUT/answers-boolq-$1"
+}
+
+boolq_answers() {  # does a BoolQ layer read the passage, or lean "yes"? (boolq_answers.py)
+  local tuned="decoder=tuned_lens,lens=$OUT/lenses/boolq-tuned_lens"
+  answers tuned_lens-L15 "exit_layer=15,$tuned"
+  answers tuned_lens-L24 "exit_layer=24,$tuned"
+  answers spade-L24 "exit_layer=24,decoder=spade"
+  answers full "exit_layer=30"
+  $PY benchmarks/smollm2/boolq_answers.py "$OUT"/answers-boolq-{tuned_lens-L15,tuned_lens-L24,spade-L24,full}
+}
+
 boolq() {
   boolq_lspade
   boolq_tuned
+  boolq_answers
 }
 
 headqa_lspade() {  # HeadQA's own L-SPADE and one trained on ARC prompts (figure 6), then 3/4/7
