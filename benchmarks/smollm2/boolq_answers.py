@@ -11,6 +11,7 @@ says "yes" when the answer is "yes" and when it is "no" can.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,12 +22,23 @@ from common import write_result
 
 
 def answers(run: Path) -> pd.DataFrame:
-    """One row per question: the gold label and whether " yes" outscored " no"."""
-    (samples,) = run.rglob("samples_boolq_*.jsonl")
+    """One row per question: the gold label and whether " yes" outscored " no" (lm-eval's
+    `boolq` lists its choices as no, yes; a tie is "no", as lm-eval's argmax has it)."""
+    found = sorted(run.rglob("samples_boolq_*.jsonl"))
+    if len(found) != 1:
+        sys.exit(
+            f"error: {run} holds {len(found)} boolq sample files, not 1; give the folder of "
+            "one `lm_eval --log_samples` run (experiments.sh boolq_answers makes them)"
+        )
     rows = []
-    for line in samples.read_text().splitlines():
+    for line in found[0].read_text().splitlines():
         sample = json.loads(line)
         no, yes = (float(resp[0]) for resp in sample["filtered_resps"])
+        if not math.isfinite(no) or not math.isfinite(yes):
+            sys.exit(
+                f"error: {found[0]} scores question {sample['doc_id']} as no={no}, yes={yes}; "
+                "rerun that lm_eval run (a non-finite log-likelihood is not counted)"
+            )
         rows.append({"gold_yes": int(sample["target"]) == 1, "says_yes": yes > no})
     return pd.DataFrame(rows)
 
