@@ -27,7 +27,7 @@ def tasks():
     try:
         names = [
             "arc_easy_spade", "arc_challenge_spade", "boolq_spade", "headqa_en_spade",
-            "arc_easy", "arc_challenge", "boolq", "headqa_en",
+            "headqa_es_spade", "arc_easy", "arc_challenge", "boolq", "headqa_en", "headqa_es",
         ]  # fmt: skip
         yield TaskManager().load(names)["tasks"]
     finally:
@@ -98,7 +98,9 @@ def test_arc_questions_labelled_with_digits_get_letters(tasks):
 def test_every_answer_is_one_token(tasks, tokenizer):
     """Each choice, as HFLM splits a request (`_encode_pair`), adds exactly one token."""
     tok = real_tokenizers()[tokenizer]
-    for name in ("arc_easy_spade", "arc_challenge_spade", "boolq_spade", "headqa_en_spade"):
+    names = ("arc_easy_spade", "arc_challenge_spade", "boolq_spade", "headqa_en_spade",
+             "headqa_es_spade")  # fmt: skip
+    for name in names:
         task = tasks[name]
         docs = [*list(task.validation_docs())[:40], *list(task.training_docs())[:40]]
         if name.startswith("arc"):  # and the digit-labelled questions
@@ -113,12 +115,14 @@ def test_every_answer_is_one_token(tasks, tokenizer):
                 assert len(whole) - len(ctx) == 1, (name, tokenizer, choice)
 
 
+@pytest.mark.parametrize("language", ["en", "es"])
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
-def test_headqa_task_renders_the_files(tasks, split):
+def test_headqa_task_renders_the_files(tasks, split, language):
     prefix = {"train": "train", "validation": "dev", "test": "test"}[split]
-    exams = json.loads((DATA / "headqa" / "HEAD_EN" / f"{prefix}_HEAD_EN.json").read_text())
+    folder = {"en": "HEAD_EN", "es": "HEAD"}[language]
+    exams = json.loads((DATA / "headqa" / folder / f"{prefix}_{folder}.json").read_text())
     raw = [q for exam in exams["exams"].values() for q in exam["data"]]
-    ours = tasks["headqa_en_spade"]
+    ours = tasks[f"headqa_{language}_spade"]
     docs = {"train": ours.training_docs, "validation": ours.validation_docs,
             "test": ours.test_docs}[split]()  # fmt: skip
     assert len(docs) == len(raw)
@@ -131,7 +135,7 @@ def test_headqa_task_renders_the_files(tasks, split):
         assert ours.doc_to_choice(doc) == list(letters)
         gold = [str(a["aid"]) for a in q["answers"]].index(str(q["ra"]))
         assert ours.doc_to_target(doc) == gold
-        assert tasks["headqa_en"].doc_to_target(doc) == gold
+        assert tasks[f"headqa_{language}"].doc_to_target(doc) == gold
 
 
 def test_unset_setting_leaves_the_hub(monkeypatch):
@@ -235,21 +239,59 @@ def test_spanish_headqa_reads_the_release_head_folder(tmp_path, monkeypatch):
         assert spanish[split].to_list() == english[split].to_list()
 
 
-@pytest.mark.slow
-def test_missing_spanish_headqa_is_one_line_from_lm_eval(tmp_path):
-    """The mission's command with the shared data (English HEAD-QA only): lm_eval stops
-    with one line that names the missing file and the English-only task."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **ENV)
-    done = subprocess.run(
+def _lm_eval(tasks: str, data: Path, out: Path | None = None) -> subprocess.CompletedProcess:
+    """The mission's command, offline, on stories260K (logit lens: BoolQ passages outgrow
+    its context and are left-truncated, dropping the start token SPADE pairs with)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **{offline.ENV: str(data)})
+    saving = ["--output_path", str(out)] if out else []
+    return subprocess.run(
         [str(Path(sys.executable).parent / "lm_eval"), "--model", "spade-exit",
-         "--model_args", f"pretrained={STORIES},exit_layer=3,decoder=logit_lens",
-         "--tasks", "arc_easy,boolq,headqa", "--limit", "2", "--device", "cpu"],
+         "--model_args", f"pretrained={STORIES},dtype=float32,exit_layer=3,decoder=logit_lens",
+         "--tasks", tasks, "--limit", "2", "--device", "cpu", *saving],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_missing_spanish_headqa_is_one_line_from_lm_eval(tmp_path):
+    """A data folder with English HEAD-QA only: `--tasks headqa` (English and Spanish)
+    stops with one line that names the missing file and the English-only task."""
+    for relative in ("arc", "boolq", "headqa/HEAD_EN"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).symlink_to(DATA / relative)
+    done = _lm_eval("arc_easy,boolq,headqa", tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"lm_eval: error: {DATA / 'headqa' / 'HEAD' / 'train_HEAD.json'}")
+    assert last.startswith(f"lm_eval: error: {tmp_path / 'headqa' / 'HEAD' / 'train_HEAD.json'}")
     assert "use --tasks headqa_en" in last
+
+
+@pytest.mark.slow
+def test_the_missions_task_list_runs_offline(tmp_path):
+    """`--tasks arc_easy,boolq,headqa` on the release files: lm-eval's results for all
+    four tasks (`headqa` is headqa_en and headqa_es), and spade-exit's exit row for each."""
+    done = _lm_eval("arc_easy,boolq,headqa", DATA, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "differs from its release" not in done.stderr
+    (result,) = tmp_path.rglob("results_*.json")
+    results = json.loads(result.read_text())
+    tasks = ("arc_easy", "boolq", "headqa_en", "headqa_es")
+    assert set(tasks) <= set(results["results"])
+    rows = {}
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] in tasks and len(cells) == 5:
+            rows[cells[0]] = cells
+    assert set(rows) == set(tasks), done.stdout[-3000:]
+    for task in tasks:
+        assert results["n-samples"][task]["effective"] == 2
+        assert 0.0 <= results["results"][task]["acc,none"] <= 1.0
+        assert results["config"]["spade"]["tasks"][task]["exit_layer"] == 3
+        choices = 2 if task == "boolq" else None
+        requests, mean, fraction, exits = rows[task][1:]
+        assert mean == "3.00 of 5" and exits == f"3:{requests}"
+        assert choices is None or int(requests) == 2 * choices
+        assert 0.0 < float(fraction) < 1.0
 
 
 def _with(root: Path, relative: str, text: str) -> Path:

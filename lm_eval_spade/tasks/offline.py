@@ -72,6 +72,12 @@ RELEASE = {
         ("4c1b0588d1e1c4c769accdb6cfa6b4fe85cb032baffa9bc6520a454e7cc9f7f8", 1366),
     "headqa/HEAD_EN/test_HEAD_EN.json":
         ("41f9f178b5d363ecd665f56ecca42deff7834c66f491617cc2687bbcfccd03b7", 2742),
+    "headqa/HEAD/train_HEAD.json":
+        ("edf4d2570454d9db7e8d33d4e66e620818996714e589b6cf78f261e9b8b78652", 2657),
+    "headqa/HEAD/dev_HEAD.json":
+        ("6b9a6f5d4f301f1a13eeb1bc2f22cfc2f567a280d577409e0ca3e2d67e2fc365", 1366),
+    "headqa/HEAD/test_HEAD.json":
+        ("5d6e0779bf7456b9c686d5830947bd17cdad9476ee8c7d555ce2a31f38ca51ea", 2742),
 }  # fmt: skip
 _compared: set[tuple[str, int, int]] = set()  # (path, size, mtime) already compared
 
@@ -91,7 +97,8 @@ def _fix() -> str:
     return (
         f"Point {ENV} at a directory laid out like the original releases "
         "(arc/ARC-Easy/ARC-Easy-Train.jsonl, boolq/val.jsonl, "
-        "headqa/HEAD_EN/train_HEAD_EN.json, ...), or unset it to load from the hub."
+        "headqa/HEAD_EN/train_HEAD_EN.json, headqa/HEAD/train_HEAD.json, ...), or unset it "
+        "to load from the hub."
     )
 
 
