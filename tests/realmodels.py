@@ -6,6 +6,10 @@ folder (about 20 s). The folder is built once into `.cache/models/` of this chec
 (ignored by git) and reused. Several pytest-xdist workers may ask for it at once, so the
 build holds an exclusive file lock, and `to_hf.py` writes the folder atomically: a
 worker either builds it or waits and finds it complete.
+
+Qwen2.5-Coder-1.5B-Instruct is too large to build in a test (a 1.1 GB download, minutes,
+~9 GB of RAM): `benchmarks/qwen/get_model.py` builds it into the same cache, and tests
+only use it where it is already complete.
 """
 
 from __future__ import annotations
@@ -43,6 +47,17 @@ def smollm2_dir(dtype: str = "float32") -> Path:
             if build.returncode:
                 raise RuntimeError(f"building {out} failed:\n{build.stderr[-3000:]}")
     return out
+
+
+def qwen_dir() -> Path | None:
+    """The HF folder of Qwen2.5-Coder-1.5B-Instruct (float32, dequantized from the Q4_K_M
+    GGUF) if `benchmarks/qwen/get_model.py` has built it, else None: tests never download.
+    The folder is complete once its SOURCE.json is there (written last, then the folder is
+    renamed into place)."""
+    out = CACHE / "qwen2.5-coder-1.5b-instruct-float32"
+    if (out / "SOURCE.json").is_file() and (out / "config.json").is_file():
+        return out
+    return None
 
 
 if __name__ == "__main__":
