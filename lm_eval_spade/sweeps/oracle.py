@@ -135,9 +135,11 @@ def one_point_exit(found: Outcomes, oracle: np.ndarray, first: int, budget: int)
 
 
 def measures(row: pd.Series) -> dict[str, Any]:
-    """A summary row's numbers as JSON (no NaN: `json_number`)."""
-    keys = ("mean_exit_layer", "compute_fraction", "accuracy", "disagreements")
-    return {key: json_number(row[key]) for key in keys if key in row}
+    """A summary row's numbers as JSON (no NaN: `json_number`; a count as an int, though
+    a row of a mixed table reads it back as a float)."""
+    keys = ("mean_exit_layer", "compute_fraction", "accuracy")
+    out = {key: json_number(row[key]) for key in keys if key in row}
+    return {**out, "disagreements": int(row["disagreements"])}
 
 
 def cheapest_within(summary: pd.DataFrame, full_accuracy: float, point: float) -> int | None:
@@ -201,16 +203,17 @@ def decoder_oracle(
 
 
 def family_point(
-    found: Outcomes, family: Family, oracle: dict[str, Any] | None, point: float
+    found: Outcomes, family: Family, decoder: str, oracle: dict[str, Any] | None, point: float
 ) -> dict[str, Any]:
     """A threshold family's cheapest threshold within `point` of full depth, and the share
-    of its decoder's oracle saving it captures."""
+    of its decoder's oracle saving it captures (`decoder`: the name it has in the file)."""
     assert found.full_correct is not None
     summary = found.summary()
     best = cheapest_within(summary, float(found.full_correct.mean()), point)
-    head = {"family": family.label, "decoder": family.decoding.label}
+    head = {"family": family.label, "decoder": decoder}
     if best is None:
-        return {**head, "cheapest_within_point": None, "why_null": "no threshold is within it"}
+        why = f"no threshold is within {100 * point:g} point(s) of full depth"
+        return {**head, "cheapest_within_point": None, "why_null": why}
     row = summary.loc[best]
     chosen = {"threshold": json_number(family.thresholds[best]), **measures(row)}
     if oracle is None:
@@ -251,7 +254,7 @@ def task_oracle(
 
     decoders = []
     found = None
-    by_decoding: dict[Decoding, dict[str, Any]] = {}
+    by_decoding: dict[Decoding, tuple[str, dict[str, Any]]] = {}
     for decoder in plan.decoders:
         layers = np.array(layout.layers(decoder.decoding))
         exits = fixed_exits(len(records), layers)
@@ -259,7 +262,7 @@ def task_oracle(
             records, layout, decoder.decoding, layers, exits, layers.astype(float), predict, score
         )
         entry = decoder_oracle(found, list(layers), plan.checks, plan.point)
-        by_decoding.setdefault(decoder.decoding, entry["oracle"])
+        by_decoding.setdefault(decoder.decoding, (decoder.name, entry["oracle"]))
         decoders.append({"decoder": decoder.name, "label": decoder.label, **entry})
         logger.info(
             "oracle (%s) on %s: compute %.4f at mean exit layer %.2f; static frontier layer %d "
@@ -282,8 +285,8 @@ def task_oracle(
             predict,
             score,
         )
-        oracle = by_decoding.get(family.decoding)
-        rules.append(family_point(found_rule, family, oracle, plan.point))
+        name, oracle = by_decoding.get(family.decoding, (family.decoding.label, None))
+        rules.append(family_point(found_rule, family, name, oracle, plan.point))
     assert found is not None  # a plan has at least one decoder
     return {
         "questions": found.questions,
