@@ -127,10 +127,13 @@ def _threshold_config(args: argparse.Namespace, lens: str | None):
 
 def _print_sweep(outcome: Any, columns: int) -> None:
     from lm_eval_spade.sweeps.layers import cost_summary
-    from lm_eval_spade.sweeps.report import load_results, tables
+    from lm_eval_spade.sweeps.report import load_oracles, load_results, oracle_markdown, tables
 
     for text in tables(load_results([outcome.out])).values():
         print(text + "\n")
+    oracles = load_oracles([outcome.out])
+    if not oracles.empty:
+        print(oracle_markdown(oracles) + "\n")
     print(cost_summary(outcome.cost, columns))
     print(
         f"results in {outcome.out}/results; tables and figures: lm-eval-spade report {outcome.out}"

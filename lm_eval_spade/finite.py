@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
+import numpy as np
 import torch
 
 from lm_eval_spade.errors import UserInputError
@@ -19,6 +21,20 @@ from lm_eval_spade.errors import UserInputError
 #: The largest float32: weights and their updates live in float32, so a learning rate
 #: above it overflows inside the optimiser.
 FLOAT32_MAX = 3.4028234663852886e38
+
+
+def json_number(value: Any) -> Any:
+    """JSON has no infinity or NaN: infinities as strings, NaN as null."""
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return str(value)
+        return value
+    if isinstance(value, np.integer | np.bool_):
+        return value.item()
+    return value
 
 
 def is_rate(value: float) -> bool:

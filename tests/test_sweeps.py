@@ -23,6 +23,7 @@ from lm_eval_spade.lens.training import LensTrainConfig
 from lm_eval_spade.lens.translators import LensKind
 from lm_eval_spade.sweeps.layers import cost_summary
 from lm_eval_spade.sweeps.report import markdown_table
+from lm_eval_spade.sweeps.results import slug
 from lm_eval_spade.sweeps.settings import SweepSettings
 from lm_eval_spade.sweeps.thresholds import ThresholdSweepConfig
 from lm_eval_spade.sweeps.transfer import TransferConfig, run_transfer_sweep
@@ -184,6 +185,67 @@ def test_transfer_trains_a_lens_per_task_and_evaluates_every_task(transfer_sweep
     assert_same_run(swept, real, [ARC, "arc_challenge_spade"])
 
 
+def oracle_file(out: Path) -> dict:
+    """The sweep's oracle file, named by its manifest, with no NaN or infinity."""
+    assert json.loads((out / "sweep.json").read_text())["oracle"] == "oracle.json"
+    text = (out / "oracle.json").read_text()
+    assert not re.search(r"\bNaN\b|Infinity", text)
+    return json.loads(text)
+
+
+def task_stats(out: Path, name: str, task: str = ARC) -> tuple[float, float]:
+    """Accuracy and compute fraction of one results file of a sweep."""
+    data = results(out, name)
+    return data["results"][task]["acc,none"], data["config"]["spade"]["tasks"][task][
+        "compute_fraction"
+    ]
+
+
+def test_sweeps_write_an_oracle_consistent_with_their_results(layer_sweep, threshold_sweep):
+    out = layer_sweep[0]
+    found = oracle_file(out)
+    assert found["tasks"][STORY]["skipped"].startswith("a loglikelihood_rolling task")
+    arc = found["tasks"][ARC]
+    full, _ = task_stats(out, "spade_L5")
+    assert arc["questions"] == LIMIT and arc["full_depth"]["accuracy"] == pytest.approx(full)
+    assert [d["decoder"] for d in arc["decoders"]] == ["logit_lens", "spade", "spade_nos", "lspade"]
+    for decoder in arc["decoders"]:
+        _, at_l = task_stats(out, f"{decoder['decoder']}_L5")
+        assert at_l == pytest.approx(1) and decoder["oracle"]["compute_fraction"] <= at_l + 1e-12
+        assert decoder["oracle"]["accuracy"] == pytest.approx(full)
+        assert decoder["oracle"]["disagreements"] == 0
+        frontier = decoder["static_frontier"]
+        acc, compute = task_stats(out, f"{decoder['decoder']}_L{frontier['layer']}")
+        assert (frontier["accuracy"], frontier["compute_fraction"]) == pytest.approx((acc, compute))
+        assert acc >= full - 0.01
+    out = threshold_sweep[0]
+    arc = oracle_file(out)["tasks"][ARC]
+    checks = json.loads((out / "sweep.json").read_text())["checks"]
+    assert [(d["decoder"], d["checks"]) for d in arc["decoders"]] == [
+        ("spade", [*checks, 5]),
+        ("logit_lens", [*checks, 5]),
+    ]
+    families = {r["family"]: r for r in arc["rules"]}
+    assert set(families) == {"SPADE-EXIT", "top-2 margin (L-SPADE)", "entropy (logit lens)"}
+    for family, rule in families.items():
+        point = rule["cheapest_within_point"]
+        if point is None:  # no threshold within 1 point: the file says so
+            assert rule["why_null"]
+            continue
+        acc, compute = task_stats(out, slug(f"{family}_T{float(point['threshold']):g}"))
+        assert (point["accuracy"], point["compute_fraction"]) == pytest.approx((acc, compute))
+
+
+def test_a_sweep_without_an_oracle_file_reports_as_before(threshold_sweep, tmp_path):
+    earlier = tmp_path / "sweep"
+    shutil.copytree(threshold_sweep[0], earlier)
+    (earlier / "oracle.json").unlink()
+    printed = run_cli("report", str(earlier), "--out", str(tmp_path / "report"))
+    assert "oracle exits" not in printed
+    assert not (tmp_path / "report" / "oracle.md").exists()
+    _check_png(tmp_path / "report" / "thresholds.png")
+
+
 def _check_png(path: Path) -> None:
     image = matplotlib.image.imread(path)
     assert image.shape[0] >= 400 and image.shape[1] >= 600, image.shape
@@ -202,6 +264,17 @@ def test_report_renders_tables_and_figures(layer_sweep, threshold_sweep, transfe
         _check_png(tmp_path / png)
     assert "| layer |" in printed.replace("|   layer |", "| layer |")
     assert "L-SPADE trained on" in printed
+    # the oracle files of all three sweeps: one table, and points on the thresholds figure
+    oracle = (tmp_path / "oracle.md").read_text()
+    for kind in ("layers", "thresholds", "transfer"):
+        assert (
+            f"### {ARC} ({kind} sweep): oracle exits ({LIMIT if kind != 'transfer' else 4}"
+            in oracle
+        )
+    assert f"No oracle for {STORY} (layers sweep)" in oracle and "oracle at 1 point" in oracle
+    assert not re.search(r"\bnan\b", oracle, re.IGNORECASE) and oracle in printed
+    rows = pd.read_csv(tmp_path / "oracle.csv")
+    assert {"oracle", "oracle at 1 point", "static frontier", "SPADE-EXIT"} <= set(rows["rule"])
 
 
 def test_markdown_tables_show_missing_values_as_a_dash():

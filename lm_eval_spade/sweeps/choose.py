@@ -35,6 +35,7 @@ import pandas as pd
 from lm_eval_spade import __version__
 from lm_eval_spade.confidence import Confidence
 from lm_eval_spade.decoders import DecoderKind
+from lm_eval_spade.finite import json_number
 from lm_eval_spade.risk_control import (
     certified_count,
     check_levels,
@@ -310,20 +311,6 @@ def shortfall(
         f"{questions_needed(config.max_drop, config.risk)} even with no disagreement at all, "
         f"for --max-drop {config.max_drop:g} and --risk {config.risk:g})."
     )
-
-
-def json_number(value: Any) -> Any:
-    """JSON has no infinity or NaN: infinities as strings, NaN as null."""
-    if isinstance(value, float | np.floating):
-        value = float(value)
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return str(value)
-        return value
-    if isinstance(value, np.integer | np.bool_):
-        return value.item()
-    return value
 
 
 def records(table: pd.DataFrame) -> list[dict[str, Any]]:

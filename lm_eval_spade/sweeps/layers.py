@@ -20,6 +20,7 @@ from pathlib import Path
 from lm_eval_spade.decoders import DecoderKind
 from lm_eval_spade.lens import LensCheckpointError, read_lens
 from lm_eval_spade.sweeps.model import LayerwiseLM
+from lm_eval_spade.sweeps.oracle import Decoder, OraclePlan
 from lm_eval_spade.sweeps.results import Setting, SweepOutcome, run_sweep, sweep_output
 from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
 from lm_eval_spade.sweeps.spec import Decoding, SweepError
@@ -78,6 +79,13 @@ def setting_name(decoding: Decoding) -> str:
     """`spade`, `lspade`, or `lspade-NAME` where a lens has its folder's name."""
     kind = decoding.kind.value
     return kind if decoding.lens in (None, kind) else f"{kind}-{decoding.lens}"
+
+
+def oracle_decoders(
+    decodings: list[Decoding], lenses: dict[str, tuple[str, DecoderKind]]
+) -> tuple[Decoder, ...]:
+    """The decoders a sweep's oracle file covers, named as its settings and tables name them."""
+    return tuple(Decoder(setting_name(d), decoder_label(d, lenses), d) for d in decodings)
 
 
 def lens_path(decoding: Decoding, lenses: dict[str, tuple[str, DecoderKind]]) -> str | None:
@@ -141,6 +149,7 @@ def _layer_sweep(settings: SweepSettings, config: LayerSweepConfig, work: Path) 
         settings,
         "layers",
         work,
+        oracle=OraclePlan("layers", oracle_decoders(lm.layout.decodings(), lenses)),
         decoders=[d.label for d in decodings],
         lenses={n: p for n, (p, _) in lenses.items()},
     )

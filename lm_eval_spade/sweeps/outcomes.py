@@ -88,6 +88,25 @@ class Outcomes:
     def questions(self) -> int:
         return len(self.requests)
 
+    def select(self, choice: np.ndarray) -> Outcomes:
+        """One candidate per question (`choice[q]`, e.g. an oracle's exit) as a single
+        candidate, so `summary` counts it as it counts any threshold (its value: NaN)."""
+        q = np.arange(self.questions)
+        per_request = choice[self.request_question]
+        return Outcomes(
+            np.array([np.nan]),
+            self.disagree[q, choice][:, None],
+            None if self.correct is None else self.correct[q, choice][:, None],
+            self.full_correct,
+            self.exit_layers[q, choice][:, None],
+            self.passes[q, choice][:, None],
+            self.requests,
+            self.passes_full,
+            self.request_layers[np.arange(len(per_request)), per_request][:, None],
+            self.request_question,
+            self.keys,
+        )
+
     def summary(self, rows: np.ndarray | None = None) -> pd.DataFrame:
         """One row per candidate over the questions `rows` (default all): disagreement,
         accuracy (and its drop from full depth), mean exit layer, compute fraction."""
@@ -121,22 +140,46 @@ def outcomes(
     """Every candidate's outcome for every question among `records` (each request with
     its scores; a question is a (task, document) and holds all its requests)."""
     grid = np.asarray(thresholds, dtype=np.float64)
+    exits = rule.exit_index([s for _, s in records], grid)
+    return tally(records, rule.layout, rule.decoding, rule.layers, exits, grid, predict, score)
+
+
+def fixed_exits(requests: int, layers: Sequence[int]) -> np.ndarray:
+    """`[requests, candidates]` exit indices of static exits: candidate k exits every
+    request at `layers[k]` (what `views.FixedExit` at that layer does), for `tally`."""
+    return np.tile(np.arange(len(layers)), (requests, 1))
+
+
+def tally(
+    records: Sequence[tuple[Instance, RequestScores]],
+    layout: Layout,
+    decoding: Decoding,
+    layers: np.ndarray,
+    exits: np.ndarray,
+    candidates: np.ndarray,
+    predict: Predict,
+    score: Score,
+) -> Outcomes:
+    """Per question, the outcome of exiting each request at `layers[exits[r, c]]` and
+    decoding it with `decoding` there, for every candidate c (`candidates` are their
+    values: thresholds, or layers for static exits). Answers are compared with the same
+    decoding at layer L, the full model; passes are the column's, as the sweep's views
+    count a fixed or threshold exit there."""
     scores = [s for _, s in records]
-    exits = rule.exit_index(scores, grid)
-    columns = np.array([rule.layout.column(rule.decoding, int(layer)) for layer in rule.layers])
-    full = len(rule.checks)  # the exit index of "no check passed": layer L
+    columns = np.array([layout.column(decoding, int(layer)) for layer in layers])
+    full = layout.column(decoding, layout.num_layers)
     loglik = np.array([s.loglik.double().numpy() for s in scores]).reshape(len(scores), -1)
     greedy = np.array([s.greedy.numpy() for s in scores]).reshape(len(scores), -1)
     passes = np.array([s.passes.double().numpy() for s in scores]).reshape(len(scores), -1)
     rows = np.arange(len(scores))[:, None]
     # the candidates' exits, then full depth as one more column
-    at = np.concatenate([columns[exits], np.full((len(scores), 1), columns[full])], axis=1)
+    at = np.concatenate([columns[exits], np.full((len(scores), 1), full)], axis=1)
 
     groups: dict[tuple, list[int]] = {}
     for i, (request, _) in enumerate(records):
         groups.setdefault((request.task_name, request.doc_id), []).append(i)
     groups = dict(sorted(groups.items(), key=lambda item: (str(item[0][0]), item[0][1])))
-    n_q, n_c = len(groups), len(grid)
+    n_q, n_c = len(groups), len(candidates)
     disagree = np.zeros((n_q, n_c), dtype=bool)
     correct = np.zeros((n_q, n_c))
     full_correct = np.zeros(n_q)
@@ -159,12 +202,12 @@ def outcomes(
             labelled = False
         else:
             correct[q], full_correct[q] = values[answers[:-1]], values[answers[-1]]
-        exit_layers[q] = rule.layers[exits[members]].sum(axis=0)
+        exit_layers[q] = layers[exits[members]].sum(axis=0)
         passes_run[q] = passes[rows[members], columns[exits[members]]].sum(axis=0)
         requests[q] = len(members)
         passes_full[q] = sum(scores[i].passes_full for i in members)
     return Outcomes(
-        grid,
+        candidates,
         disagree,
         correct if labelled else None,
         full_correct if labelled else None,
@@ -172,7 +215,7 @@ def outcomes(
         passes_run,
         requests,
         passes_full,
-        rule.layers[exits],
+        layers[exits],
         question,
         list(groups),
     )

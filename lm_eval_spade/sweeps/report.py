@@ -29,6 +29,7 @@ import pandas as pd
 
 from lm_eval_spade.files import REPORT, check_output, staged_output
 from lm_eval_spade.sweeps.layers import DECODER_NAMES
+from lm_eval_spade.sweeps.oracle import ORACLE
 from lm_eval_spade.sweeps.results import MANIFEST
 from lm_eval_spade.sweeps.spec import SweepError
 
@@ -350,6 +351,113 @@ def leaderboard_markdown(board: pd.DataFrame) -> str:
     return "### Leaderboard\n\n" + view.to_markdown(index=False)
 
 
+# --- the oracle (each sweep's oracle.json; docs/method.md#the-oracle-exit) ---------------
+#: How tables and figures name the points of an oracle file's decoder entry.
+ORACLE_POINTS = {
+    "oracle": "oracle",
+    "oracle_1pt": "oracle at 1 point",
+    "static_frontier": "static frontier",
+}
+ORACLE_COLUMNS = [
+    "kind", "task", "rule", "decoder", "layer", "threshold", "accuracy", "mean_exit_layer",
+    "compute_fraction", "disagreements", "share_of_oracle_saving", "why_null", "questions",
+    "full_depth_accuracy", "sweep",
+]  # fmt: skip
+
+
+def _oracle_rows(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per point of an oracle file: each decoder's three, each rule family's
+    cheapest threshold within the point, and a row per task it skipped."""
+    rows = []
+    for task, entry in sorted(data["tasks"].items()):
+        head = {"kind": data.get("kind"), "task": task, "sweep": str(path.parent)}
+        if "skipped" in entry:
+            rows.append({**head, "rule": "skipped", "why_null": entry["skipped"]})
+            continue
+        head |= {
+            "questions": entry.get("questions"),
+            "full_depth_accuracy": (entry.get("full_depth") or {}).get("accuracy"),
+        }
+        labels = {}
+        for decoder in entry.get("decoders", []):
+            labels[decoder["decoder"]] = decoder["label"]
+            for key, rule in ORACLE_POINTS.items():
+                rows.append({**head, **decoder[key], "rule": rule, "decoder": decoder["label"]})
+        for family in entry.get("rules", []):
+            point = family.get("cheapest_within_point") or {"why_null": family.get("why_null")}
+            label = labels.get(family.get("decoder"), family.get("decoder"))
+            rows.append({**head, **point, "rule": family["family"], "decoder": label})
+    return rows
+
+
+def load_oracles(dirs: list[Path]) -> pd.DataFrame:
+    """Every `oracle.json` under `dirs` as rows (`ORACLE_COLUMNS`); empty where none is
+    found, as for sweeps made before the oracle file, which report as before."""
+    rows: list[dict[str, Any]] = []
+    for folder in map(Path, dirs):
+        for path in sorted(folder.rglob(ORACLE)) if folder.is_dir() else []:
+            if "report" in path.relative_to(folder).parts[:-1]:
+                continue
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+                logger.warning("%s is not an oracle file (%s); left out of the report", path, err)
+                continue
+            if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
+                rows += _oracle_rows(path, data)
+    return pd.DataFrame(rows, columns=ORACLE_COLUMNS)
+
+
+def oracle_markdown(oracles: pd.DataFrame) -> str:
+    """Per sweep kind and task: the oracle, the 1-point oracle and the static frontier of
+    each decoder, and each rule family's cheapest threshold within 1 point of full depth."""
+    parts = []
+    shown = oracles[oracles["rule"] != "skipped"]
+    for (kind, task), group in shown.groupby(["kind", "task"], sort=True):
+        n, full = group["questions"].iloc[0], group["full_depth_accuracy"].iloc[0]
+        view = group[ORACLE_COLUMNS[2:12]].rename(
+            columns={
+                "mean_exit_layer": "mean exit layer",
+                "compute_fraction": "compute fraction",
+                "share_of_oracle_saving": "share of oracle saving",
+                "why_null": "note",
+            }
+        )
+        view = view.dropna(axis=1, how="all")
+        parts.append(
+            f"### {task} ({kind} sweep): oracle exits ({int(n)} questions, full depth "
+            f"accuracy {full:.4g})\n\n" + markdown_table(view, index=False, floatfmt=".4g")
+        )
+    for _, row in oracles[oracles["rule"] == "skipped"].iterrows():
+        parts.append(f"No oracle for {row['task']} ({row['kind']} sweep): {row['why_null']}.")
+    parts.append(
+        "Oracle: each question exits at the earliest check from which its answer is full "
+        "depth's; at 1 point: the costliest 1% of questions exit at the first check instead; "
+        "static frontier and rules: the cheapest within 1 point of full depth; share: "
+        "(1 - compute) / (1 - the oracle's compute), same decoder "
+        "(lm-eval-spade's docs/method.md, The oracle exit)."
+    )
+    return "\n\n".join(parts)
+
+
+def _mark_oracles(ax, oracles: pd.DataFrame, x: str) -> bool:
+    """The oracle, the 1-point oracle and the static frontier of each decoder as labelled
+    points: the floor no exit rule that agrees with full depth can beat, and the static
+    exit a rule has to beat to be worth its checks. Colours outside seaborn's default
+    palette, so no point reads as one of the lines; whether any point was drawn."""
+    markers = {"oracle": ("P", 240), "oracle at 1 point": ("X", 110), "static frontier": ("s", 130)}
+    points = oracles[oracles["rule"].isin(list(markers)) & oracles[x].notna()]
+    palette = ["black", "gold", "navy", "lime", "magenta"]
+    colours = dict(zip(sorted(points["decoder"].unique()), palette, strict=False))
+    for _, point in points.iterrows():
+        marker, size = markers[point["rule"]]
+        where = f", layer {int(point['layer'])}" if point["rule"] == "static frontier" else ""
+        ax.scatter(point[x], point["accuracy"], marker=marker, s=size, zorder=6,
+                   color=colours.get(point["decoder"], "gray"), edgecolor="0.4", linewidth=0.6,
+                   label=f"{point['rule']} ({point['decoder']}{where})")  # fmt: skip
+    return not points.empty
+
+
 # --- figures -----------------------------------------------------------------------------
 def _full_model_line(ax, group: pd.DataFrame) -> None:
     num_layers = group["num_layers"].dropna()
@@ -406,7 +514,14 @@ def _mark_chosen(ax, chosen: pd.DataFrame, x: str) -> None:
                    edgecolor="black", linewidth=0.5, label=label)  # fmt: skip
 
 
-def _exit_figure(main: pd.DataFrame, hue: str, legend: str, title: str, path: Path) -> Path:
+def _exit_figure(
+    main: pd.DataFrame,
+    hue: str,
+    legend: str,
+    title: str,
+    path: Path,
+    oracles: pd.DataFrame | None = None,
+) -> Path:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -418,7 +533,8 @@ def _exit_figure(main: pd.DataFrame, hue: str, legend: str, title: str, path: Pa
         ("mean_exit_layer", "mean exit layer (blocks run)"),
         ("compute_fraction", "compute fraction (block-token passes / full model)"),
     ]
-    fig, axes = plt.subplots(2, len(tasks), figsize=(max(7, 5 * len(tasks)), 8), squeeze=False)
+    width = max(7, 5 * len(tasks)) * (1.6 if oracles is not None and len(oracles) else 1)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(width, 8), squeeze=False)
     for col, task in enumerate(tasks):
         group, marked = main[main["task"] == task], chosen[chosen["task"] == task]
         for row, (x, xlabel) in enumerate(axes_x):
@@ -431,9 +547,13 @@ def _exit_figure(main: pd.DataFrame, hue: str, legend: str, title: str, path: Pa
                 )  # fmt: skip
             _full_model_line(ax, group[group.get("decoder", "") == "spade"])
             _mark_chosen(ax, marked, x)
+            marked_oracle = oracles is not None and _mark_oracles(
+                ax, oracles[oracles["task"] == task], x
+            )
             metric = pd.concat([group, marked])["metric"].iloc[0]
             ax.set(title=task, xlabel=xlabel, ylabel=_label(metric))
-            ax.legend(title=legend, fontsize="small")
+            outside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1)} if marked_oracle else {}
+            ax.legend(title=legend, fontsize="small", **outside)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -441,7 +561,7 @@ def _exit_figure(main: pd.DataFrame, hue: str, legend: str, title: str, path: Pa
     return path
 
 
-def figures(table: pd.DataFrame, out: Path) -> list[Path]:
+def figures(table: pd.DataFrame, out: Path, oracles: pd.DataFrame | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -455,6 +575,7 @@ def figures(table: pd.DataFrame, out: Path) -> list[Path]:
                 main[main["kind"] == "thresholds"], "series", "exit rule",
                 "SPADE-EXIT against baselines: accuracy vs exit layer and compute",
                 out / "thresholds.png",
+                None if oracles is None else oracles[oracles["kind"] == "thresholds"],
             )
         )  # fmt: skip
     if (main["kind"] == "transfer").any():
@@ -474,7 +595,7 @@ def is_report_dir(path: Path) -> bool:
     return all(
         p.is_file()
         and p.suffix in {".csv", ".md", ".png"}
-        and p.name.startswith((*KINDS, "leaderboard"))
+        and p.name.startswith((*KINDS, "leaderboard", "oracle"))
         for p in path.iterdir()
     )
 
@@ -497,7 +618,13 @@ def make_report(dirs: list[Path], out: Path | None = None, overwrite: bool = Fal
         markdown["leaderboard"] = leaderboard_markdown(board)
         (work / "leaderboard.md").write_text(markdown["leaderboard"] + "\n")
         names += ["leaderboard.csv", "leaderboard.md"]
-        names += [path.name for path in figures(table, work)]
+        oracles = load_oracles(dirs)
+        if not oracles.empty:
+            oracles.to_csv(work / "oracle.csv", index=False)
+            markdown["oracle"] = oracle_markdown(oracles)
+            (work / "oracle.md").write_text(markdown["oracle"] + "\n")
+            names += ["oracle.csv", "oracle.md"]
+        names += [path.name for path in figures(table, work, oracles)]
     files = [out / name for name in names]
     logger.info("wrote %s", ", ".join(str(f) for f in files))
     return Report(table, files, markdown)

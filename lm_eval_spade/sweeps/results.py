@@ -29,6 +29,7 @@ from tqdm import tqdm
 from lm_eval_spade import __version__
 from lm_eval_spade.files import SWEEP, staged_output
 from lm_eval_spade.sweeps.model import LayerwiseLM
+from lm_eval_spade.sweeps.oracle import ORACLE, OraclePlan, QuestionTable, sweep_oracle
 from lm_eval_spade.sweeps.settings import SweepSettings
 from lm_eval_spade.sweeps.views import Rule, ScoresView, ScoreTable, ScoringCost
 
@@ -150,12 +151,19 @@ def run_sweep(
     settings: SweepSettings,
     kind: str,
     work: Path,
+    oracle: OraclePlan | None = None,
     **record: Any,
 ) -> SweepOutcome:
-    """Score the tasks' requests once with `lm`, evaluate every point, write the results
-    and the manifest (with `record` and the scoring cost) into `work` (`sweep_output`)."""
-    table = ScoreTable(lm, settings.time_full_depth)
+    """Score the tasks' requests once with `lm`, evaluate every point, write the results,
+    the oracle file (`oracle.py`, from the same scores) when an `oracle` plan is given, and
+    the manifest (with `record`, the scoring cost and the oracle file's name) into `work`
+    (`sweep_output`)."""
+    table = QuestionTable(lm, settings.time_full_depth)
     results = run_settings(table, points, task_dict, settings, work)
+    if oracle is not None:
+        found = sweep_oracle(table.records(), lm.layout, oracle, task_dict["tasks"])
+        write_json(work / ORACLE, found)
+        record["oracle"] = ORACLE
     cost = table.cost.to_dict()
     write_manifest(work, kind, settings, num_layers=lm.layout.num_layers, cost=cost, **record)
     logger.info("wrote %d results files for %s", len(points), settings.out / "results")

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from lm_eval_spade.confidence import Confidence
 from lm_eval_spade.decoders import DecoderKind
-from lm_eval_spade.sweeps.layers import DECODER_NAMES, name_lenses
+from lm_eval_spade.sweeps.layers import DECODER_NAMES, name_lenses, oracle_decoders
 from lm_eval_spade.sweeps.model import LayerwiseLM
+from lm_eval_spade.sweeps.oracle import Decoder, Family, OraclePlan
 from lm_eval_spade.sweeps.results import Setting, SweepOutcome, run_sweep, sweep_output
 from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
 from lm_eval_spade.sweeps.spec import Decoding, Layout, Signal, SweepError, check_schedule
@@ -127,6 +128,19 @@ def series_for(lens_name: str, lens_kind: DecoderKind, baselines: bool) -> list[
     return out
 
 
+def oracle_plan(
+    kind: str,
+    decoders: tuple[Decoder, ...],
+    checks: tuple[int, ...],
+    series: Sequence[Series],
+    thresholds: Sequence[float],
+) -> OraclePlan:
+    """What a threshold sweep's oracle file covers: the oracle of each decoder at the
+    sweep's checks, and each series's cheapest threshold against it."""
+    families = tuple(Family(s.label, s.signal, s.decoding, tuple(thresholds)) for s in series)
+    return OraclePlan(kind, decoders, checks, families)
+
+
 def check_lens_covers(lm: LayerwiseLM, lens_name: str, lens_path: str, checks: tuple[int, ...]):
     """Every check layer needs a translator of the confidence lens."""
     missing = sorted(set(checks) - set(lm.lenses[lens_name].layers))
@@ -178,6 +192,7 @@ def _threshold_sweep(
         )
     for decoding in statics:
         points += static_settings(lm.layout, decoding, "thresholds")
+    decodings = list(dict.fromkeys([*statics, *(s.decoding for s in series)]))
     return run_sweep(
         lm,
         points,
@@ -185,6 +200,9 @@ def _threshold_sweep(
         settings,
         "thresholds",
         work,
+        oracle=oracle_plan(
+            "thresholds", oracle_decoders(decodings, lenses), checks, series, config.thresholds
+        ),
         thresholds=config.thresholds,
         lens=lens_path,
         checks=list(checks),

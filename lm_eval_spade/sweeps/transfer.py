@@ -19,11 +19,17 @@ from lm_eval_spade.decoders import DecoderKind
 from lm_eval_spade.lens.jobs import DataSpec, train_and_save
 from lm_eval_spade.lens.training import LensTrainConfig
 from lm_eval_spade.lens.translators import LensKind
+from lm_eval_spade.sweeps.layers import oracle_decoders
 from lm_eval_spade.sweeps.model import LayerwiseLM
 from lm_eval_spade.sweeps.results import SweepOutcome, run_sweep, slug, sweep_output
 from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
 from lm_eval_spade.sweeps.spec import Decoding, Signal, SweepError, check_schedule
-from lm_eval_spade.sweeps.thresholds import Series, ThresholdSweepConfig, threshold_settings
+from lm_eval_spade.sweeps.thresholds import (
+    Series,
+    ThresholdSweepConfig,
+    oracle_plan,
+    threshold_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +135,13 @@ def _transfer_sweep(settings: SweepSettings, config: TransferConfig, work: Path)
         settings,
         "transfer",
         work,
+        oracle=oracle_plan(
+            "transfer",
+            oracle_decoders([spade], {}),
+            checks,
+            list(series.values()),
+            thresholds.thresholds,
+        ),
         thresholds=thresholds.thresholds,
         lenses=lenses,
         checks=list(checks),
