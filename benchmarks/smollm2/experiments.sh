@@ -22,7 +22,7 @@
 #
 # Stages: start finetune accuracy arc timed tuned boolq_layers boolq (= boolq_lspade
 # boolq_tuned boolq_answers) headqa (= headqa_lspade headqa_tuned) reverse reverse_boolq
-# letters base (= base_arc base_boolq base_headqa).
+# letters base (= base_arc base_boolq base_headqa) oracle.
 # Each step skips an output that is already there, so an interrupted run resumes; each
 # logs its wall clock to runs/smollm2/times.tsv. Outputs go to runs/smollm2/ (ignored by
 # git); collect.sh copies what is kept to results/smollm2/, with this script as the
@@ -276,6 +276,26 @@ base() {
   base_arc
   base_boolq
   base_headqa
+}
+
+oracle() {  # the oracle exit beside every rule (figure 5), from the kept adapters and lenses:
+  # ARC-Easy cloze's threshold sweep and BoolQ's and HeadQA's transfer sweeps, rerun as
+  # committed (same settings, so their results files must equal the committed ones), now
+  # with oracle.json
+  local kept=results/smollm2
+  step "oracle-thresholds-arc" "$OUT/oracle-thresholds-arc" $SPADE sweep thresholds \
+    --model "$MODEL" --model-args "$SPADE_ARGS,peft=$kept/adapter-arc" --tasks arc_easy \
+    --limit "$LIMIT" --lens "$kept/lens-arc-lspade" --min-layer 12 --thresholds $THRESHOLDS \
+    --out "$OUT/oracle-thresholds-arc"
+  for m in boolq headqa; do
+    local task=$m
+    if [ $m = headqa ]; then task=headqa_en; fi
+    step "oracle-transfer-$m" "$OUT/oracle-transfer-$m" $SPADE sweep transfer \
+      --model "$MODEL" --model-args "$SPADE_ARGS,peft=$kept/adapter-$m" --tasks $task \
+      --limit "$LIMIT" --lens "$task=$kept/lens-$m-lspade" "ai2_arc=$kept/lens-$m-lspade-from-arc" \
+      --train-tasks $task ai2_arc --min-layer 12 --thresholds $THRESHOLDS \
+      --out "$OUT/oracle-transfer-$m"
+  done
 }
 
 stages=("$@")
