@@ -4,7 +4,7 @@ A random-weight Llama (24 blocks, hidden 512; weights do not matter when exits a
 forced) with the stories260K tokenizer scores real ARC-Easy questions (letter answers,
 one forward per question) in batches of 16. Every setting runs once per round, rounds
 interleaved, medians kept: the machine is shared and noisy. The ideal speedup of a
-setting is 1 / its compute fraction (SPADE.md: blocks run plus SPADE's pairs).
+setting is 1 / its compute fraction (docs/method.md: blocks run plus SPADE's pairs).
 
     python benchmarks/exit_speed.py [--questions 32] [--rounds 3]
 """
@@ -142,7 +142,7 @@ def main() -> None:
         f"tokens) in batches of {BATCH}; the mixed batch is 16 other questions. float32, "
         f"2 CPU threads, median of {args.rounds} interleaved rounds. Confidence: entropy of an "
         "L-SPADE lens (untrained, same cost as a trained one). Ideal speedup = 1 / compute "
-        "fraction (blocks run plus SPADE's pairs, SPADE.md). A batch that waited for its "
+        "fraction (blocks run plus SPADE's pairs, docs/method.md). A batch that waited for its "
         "slowest row would run every row to L: no speedup. Written by "
         "`benchmarks/exit_speed.py`.",
         markdown_table(table, index=False, floatfmt=".3f"),

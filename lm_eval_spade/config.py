@@ -85,7 +85,7 @@ class SpadeConfig:
     - `decoder`: decodes the scored positions at the exit layer (default `spade`);
     - `spade_positions`: the SPADE pair's position ids, `original` `(0, i)` or `compact`;
     - `spade_start`: `pair` (default: the start token climbs with every decoded position,
-      as SPADE.md counts it) or `shared` (it climbs once per batch and layer, and each
+      as `docs/method.md` counts it) or `shared` (it climbs once per batch and layer, and each
       position attends to its keys/values: the same logits at about half the passes);
     - `lens`: directory of a trained lens (`lm-eval-spade train-lens`, or a tuned-lens
       checkpoint), for the `lspade` / `tuned_lens` decoders; `spade-calibration` names the

@@ -1,6 +1,6 @@
 """Decoders at layer l: logits for chosen positions from the hidden states `h^l`.
 
-Definitions follow `SPADE.md`:
+Definitions follow `docs/method.md` ("The decoders at layer l"):
 
 - logit lens: `head(h_i^l)`;
 - SPADE: run the 2-token sequence `[h_0^l, h_i^l]` through blocks `l+1..L` as a causal
@@ -54,7 +54,7 @@ class DecoderKind(str, Enum):
 class SpadeStart(str, Enum):
     """How SPADE's start token climbs the blocks above the decoded layer."""
 
-    PAIR = "pair"  # with every position, as a 2-token sequence (SPADE.md's count)
+    PAIR = "pair"  # with every position, as a 2-token sequence (docs/method.md's count)
     SHARED = "shared"  # once per distinct `h_0^l`; positions attend to its keys/values
 
 

@@ -2,7 +2,7 @@
 
 A token that exits at layer `l` runs no trunk blocks above `l`, yet a later token that
 runs deeper attends to every earlier position at every block it runs. The strategies of
-`SPADE.md` for the blocks above an exit:
+`docs/method.md` ("SPADE-EXIT in generation") for the blocks above an exit:
 
 - `fill`: the keys/values the exiting token computed in SPADE's own pass through the
   upper blocks (the pair `[h_0^l, h_t^l]`, whose second token is this position). Free,

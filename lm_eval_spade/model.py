@@ -1,4 +1,4 @@
-"""`spade-exit`: lm-eval's HF model, scoring through the decoders and exits of `SPADE.md`.
+"""`spade-exit`: lm-eval's HF model, scoring through the decoders and exits of `docs/method.md`.
 
 With no spade setting (or `threshold=-inf`, which no request can pass) it *is* `HFLM`:
 every request goes through HFLM's own code, so results equal `--model hf` exactly.

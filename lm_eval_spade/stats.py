@@ -1,4 +1,4 @@
-"""Per-request exits and per-task statistics, with the compute fraction of `SPADE.md`.
+"""Per-request exits and per-task statistics, with the compute fraction of `docs/method.md`.
 
 The compute fraction counts block-token passes: a full pass over `n` tokens costs
 `L * n`; exiting at layer `l` and decoding `k` positions with SPADE costs

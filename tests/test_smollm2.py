@@ -104,7 +104,7 @@ def test_inner_layers_decode_something_else(smollm2, requests, hf_with_start):
 
 
 def _reference_spade(model, ids: list[int], layer: int, positions: list[int]) -> torch.Tensor:
-    """SPADE from SPADE.md with transformers alone: `h^l` from output_hidden_states, the
+    """SPADE from docs/method.md with transformers alone: `h^l` from output_hidden_states, the
     pair `[h_0, h_i]` at positions (0, i) through a truncated copy of the model."""
     with torch.no_grad():
         hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]

@@ -1,4 +1,4 @@
-"""SPADE on the real stories260K model, against a reference written from SPADE.md.
+"""SPADE on the real stories260K model, against a reference written from docs/method.md.
 
 The reference uses none of the package's code: it takes `h^l` from transformers'
 `output_hidden_states`, and runs the upper blocks with transformers' own `LlamaModel`
@@ -36,7 +36,7 @@ def stories():
 
 
 def reference_logits(model, ids, layer, positions, variant):
-    """Logits at `positions` decoded from layer `layer`, straight from SPADE.md."""
+    """Logits at `positions` decoded from layer `layer`, straight from docs/method.md."""
     L = model.config.num_hidden_layers
     with torch.no_grad():
         hidden = model(ids[None], output_hidden_states=True, use_cache=False).hidden_states[layer][

@@ -8,7 +8,7 @@ columns (`_heads`): on a 49K vocabulary the head costs as much as eight blocks p
 position, and one product per column left it bound by reading its weights. Per row this
 gives the loglikelihood and greedy flag of each of its continuations in every column,
 the block-token passes a fixed exit at each column would have cost (`l * n` for the
-prefix plus the decoder's passes above `l`, as `SPADE.md` counts them), and each
+prefix plus the decoder's passes above `l`, as `docs/method.md` counts them), and each
 signal's uncertainty at every layer below L at the row's decision position(s) (the
 answer position; for rolling rows, the mean over all scored positions, as `exiting.py`
 decides).
