@@ -12,15 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from lmutil import STORIES, TINY_CONFIGS, save_tiny_model
+from lmutil import SHARED, STORIES, TINY_CONFIGS, save_tiny_model
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def pytest_configure(config):
-    if not STORIES.is_dir():
-        raise pytest.UsageError(f"tests need the shared models and data at {STORIES.parent.parent}")
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `shared` read `../shared` (real models, release data). Without it they
+    are skipped with the reason, so the unit tests still run from a clone alone; in CI
+    (`CI` set) a missing `../shared` is an error, since CI must run them all."""
+    if STORIES.is_dir():
+        return
+    if os.environ.get("CI"):
+        raise pytest.UsageError(f"CI runs every test, and they need ../shared at {SHARED}")
+    skip = pytest.mark.skip(reason=f"needs the shared models and data at {SHARED}")
+    for item in items:
+        if item.get_closest_marker("shared"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
 DATA = SHARED / "data"
+#: stories260K's tokenizer, kept with the tests (`data/tok512/SOURCE.md`): the tiny random
+#: models need nothing from `../shared`.
+TOKENIZER = Path(__file__).resolve().parent / "data" / "tok512"
 
 _COMMON = dict(
     vocab_size=512,
@@ -60,7 +63,7 @@ TINY_CONFIGS = {
 
 
 def save_tiny_model(config: T.PretrainedConfig, out: Path, seed: int = 0) -> Path:
-    """A seeded random model in HF format, with the stories260K tokenizer beside it."""
+    """A seeded random model in HF format, with stories260K's tokenizer beside it."""
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(config)
     # Random init draws tiny weights; widen them so layers differ visibly.
@@ -69,7 +72,7 @@ def save_tiny_model(config: T.PretrainedConfig, out: Path, seed: int = 0) -> Pat
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
     model.save_pretrained(out)
-    T.AutoTokenizer.from_pretrained(STORIES).save_pretrained(out)
+    T.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(out)
     return out
 
 

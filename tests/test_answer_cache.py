@@ -15,6 +15,8 @@ from lm_eval_spade import answer_cache
 from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.lens import Lens, LensKind, save_lens
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 
 def test_the_cache_identity_follows_every_setting_that_changes_answers(tmp_path):
     import torch

@@ -37,6 +37,8 @@ from lmutil import GENERATION_YAML, STORIES
 
 from lm_eval_spade import calibration
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 
 @dataclass(frozen=True)
 class Row:

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from lmutil import STORIES, arc_requests, loglikelihood_requests, make_lm, rolling_requests
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 
 def _max_diff(a, b):
     return max(abs(x - y) for x, y in zip(a, b, strict=True))

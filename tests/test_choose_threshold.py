@@ -22,6 +22,8 @@ from lm_eval_spade.calibration.task import TaskSpec, prompt, split_items
 from lm_eval_spade.cli import main
 from lm_eval_spade.tasks import offline
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 TASK = calibration.TASK
 LIMIT = "120"
 

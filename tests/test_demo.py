@@ -12,6 +12,8 @@ from lm_eval_spade import calibration, demo
 from lm_eval_spade.cli import main
 from lm_eval_spade.errors import UserInputError
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 
 @pytest.mark.slow
 def test_demo_command_runs_spade_exit_on_calibration_and_real_tasks(tmp_path, capfd):

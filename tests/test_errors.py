@@ -10,6 +10,8 @@ from lmutil import STORIES, make_lm, save_tiny_model
 from lm_eval_spade.architectures import UnsupportedArchitectureError
 from lm_eval_spade.config import SpadeArgumentError
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 
 def _message(excinfo) -> str:
     message = str(excinfo.value)

@@ -22,6 +22,8 @@ from lm_eval_spade.confidence import Confidence, uncertainty
 from lm_eval_spade.config import SpadeArgumentError
 from lm_eval_spade.lens import Lens, LensKind, save_lens
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 L = 5  # stories260K's blocks
 LOGIT = {"confidence_decoder": "logit_lens"}
 

@@ -26,6 +26,8 @@ from lm_eval_spade.finetune import (
 from lm_eval_spade.lens.data import LensDataError
 from lm_eval_spade.tasks import offline
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 BIN = Path(sys.executable).parent
 
 

@@ -26,6 +26,8 @@ from lm_eval_spade.kv_cache import (
 )
 from lm_eval_spade.sampling import GenerationSettingsError, Sampling
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 L = 5  # stories260K's blocks
 PROMPTS = [
     "Once upon a time, there was a little girl named Lily. She loved to",

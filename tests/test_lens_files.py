@@ -26,6 +26,8 @@ from lm_eval_spade.lens import (
 from lm_eval_spade.lens.head_identity import tuned_lens_unembed_hash
 from lm_eval_spade.lens.training import LensTrainConfig, train_lens
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 
 def _scores(lm, requests=None) -> list[float]:
     return lm.loglikelihood_rolling(requests or rolling_requests(), disable_tqdm=True)

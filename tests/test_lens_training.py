@@ -35,6 +35,8 @@ from lm_eval_spade.lens.training import (
 )
 from lm_eval_spade.perplexity import rolling_perplexity
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from lmutil import DATA, GENERATION_YAML, STORIES
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 TASK_YAML = """\
 task: arc_easy_local_test
 dataset_path: json

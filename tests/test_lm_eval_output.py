@@ -19,6 +19,8 @@ from lm_eval_spade import exit_output
 from lm_eval_spade.stats import ExitStats, RequestExit
 from lm_eval_spade.tasks import offline
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 BIN = Path(sys.executable).parent
 ENV = dict(
     os.environ,

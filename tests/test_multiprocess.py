@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from lmutil import STORIES, write_arc_letter_task
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 BIN = Path(sys.executable).parent
 
 

@@ -20,6 +20,8 @@ from lm_eval_spade.lens.jobs import DataSpec, train_and_save
 from lm_eval_spade.lens.training import LensTrainConfig, LensTrainingError
 from lm_eval_spade.sampling import GenerationSettingsError, Sampling
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 
 @pytest.fixture
 def stories():

@@ -32,6 +32,8 @@ from lm_eval_spade.files import (
 from lm_eval_spade.lens import Lens, LensKind, load_lens, read_lens, save_lens
 from lm_eval_spade.lens.checkpoint import is_lens_dir
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 HOST = __import__("re").sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
 
 

@@ -27,6 +27,8 @@ from test_lm_eval_cli import STORY_DOCS
 
 from lm_eval_spade.tasks import offline
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 README = REPO / "README.md"
 
 

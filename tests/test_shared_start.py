@@ -25,6 +25,8 @@ from lm_eval_spade.decoders import (
     decode_layers,
 )
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 SEQ = 40  # past mistral's sliding window of 16
 L = 5  # stories260K's blocks
 

@@ -20,6 +20,8 @@ from realmodels import IM_START, smollm2_dir
 from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.lens import Lens, LensKind, save_lens
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 BOS_TEXT = "<|im_start|>"
 L = 30
 

@@ -19,6 +19,8 @@ from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.decoders import DecoderKind, LayerStates, decode, decode_layers
 from lm_eval_spade.perplexity import rolling_perplexity
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 CONTEXT = "Once upon a time, there was a little girl named Lily. She loved to"
 CONTINUATION = " play with her toys in the garden."
 STORY_SENTENCES = [  # the story sentences of models/SOURCES.md

@@ -20,6 +20,8 @@ from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.decoders import DecoderKind, LayerStates, decode
 from lm_eval_spade.start_token import cut_after_start, rolling_windows, with_start
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 BOS = 1
 CONTEXT = STORY  # about 60 tokens
 CONTINUATION = " His mom helped him."

@@ -30,6 +30,8 @@ from lm_eval_spade.sweeps.transfer import TransferConfig, run_transfer_sweep
 from lm_eval_spade.sweeps.views import ScoringCost
 from lm_eval_spade.tasks import offline
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 ARC, STORY = "arc_easy_spade", "tinystories_sentences_spade"
 LIMIT = 8
 

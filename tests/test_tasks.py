@@ -13,6 +13,8 @@ from lmutil import DATA, STORIES, real_tokenizers
 
 from lm_eval_spade.tasks import offline
 
+pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
+
 ENV = {offline.ENV: str(DATA)}
 ARC_FILES = {"train": "Train", "validation": "Dev", "test": "Test"}
 
