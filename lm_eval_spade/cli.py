@@ -484,7 +484,7 @@ def _choose_threshold(args: argparse.Namespace) -> None:
         limit=args.limit, batch_size=args.batch_size, model_args=args.model_args,
         include_path=args.include_path, spade_positions=SpadePositions(args.spade_positions),
         spade_start=SpadeStart(args.spade_start), bootstrap_iters=args.bootstrap_iters,
-        time_full_depth=False,
+        time_full_depth=False, overwrite=args.overwrite,
     )  # fmt: skip
     config = _from_args(
         ChooseConfig,
@@ -563,6 +563,7 @@ def _add_choose_threshold(commands) -> None:
     add("--bootstrap-iters", type=int, default=0,
         help="lm-eval's bootstrap iterations for the chosen setting's stderr "
         "(default: %(default)s)")  # fmt: skip
+    _add_overwrite(choose, "choose-threshold output")
     choose.set_defaults(run=_choose_threshold)
 
 
