@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -628,16 +629,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status of a command stopped by Ctrl-C (128 + SIGINT, as the shell reports it).
+INTERRUPTED = 130
+
+
+def _interrupted(command: str, written: list[Path]) -> str:
+    """The one line for Ctrl-C: outputs are written whole or not at all (`files`), so
+    it says which, if any, were put in place before the interrupt."""
+    if not written:
+        return f"lm-eval-spade {command}: interrupted; no output was written"
+    done = ", ".join(str(p) for p in written)
+    return f"lm-eval-spade {command}: interrupted after writing {done} (complete)"
+
+
 def main(argv: list[str] | None = None) -> None:
+    from lm_eval_spade import files
+
     args = build_parser().parse_args(argv)
     logs.setup(logging.DEBUG if args.verbose else logging.INFO)
+    command = " ".join(filter(None, [args.command, getattr(args, "sweep", None)]))
+    committed = len(files.COMMITTED)
     try:
         args.run(args)
     except UserInputError as err:
         # Bad input is the user's to fix: one line naming it, no traceback.
         close_progress_bars()
-        command = " ".join(filter(None, [args.command, getattr(args, "sweep", None)]))
         raise SystemExit(f"lm-eval-spade {command}: error: {err}") from None
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print(_interrupted(command, files.COMMITTED[committed:]), file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
 
 
 if __name__ == "__main__":
