@@ -182,7 +182,7 @@ def _report(args: argparse.Namespace) -> None:
     from lm_eval_spade.sweeps.report import make_report
 
     out = Path(args.out) if args.out else None
-    report = make_report([Path(d) for d in args.dirs], out, args.overwrite)
+    report = make_report([Path(d) for d in args.dirs], out, args.overwrite, args.allow_gaps)
     for text in report.markdown.values():
         print(text + "\n")
     print("wrote " + ", ".join(str(f) for f in report.files))
@@ -311,11 +311,16 @@ def _add_sweeps(commands) -> None:
         description=(
             "Reads every lm-eval results JSON under DIR... (sweep output, or lm_eval "
             "--output_path folders of spade-exit runs) and writes, per sweep kind, "
-            "<kind>.csv, <kind>.md and PNG figures into --out (default: DIR/report)."
+            "<kind>.csv, <kind>.md and PNG figures into --out (default: DIR/report). A sweep "
+            "folder is checked against its sweep.json: a missing, cut short or non-numeric "
+            "result is an error naming the file (with --allow-gaps, a warning and a gap)."
         ),
     )
     report.add_argument("dirs", nargs="+", metavar="DIR", help="result folders")
     report.add_argument("--out", help="where to write (default: first DIR/report)")
+    report.add_argument("--allow-gaps", action="store_true",
+        help="report a sweep with missing or unusable results files (a warning each, the "
+        "gaps marked 'gap' in the tables) instead of refusing it")  # fmt: skip
     _add_overwrite(report, "report folder")
     report.set_defaults(run=_report)
 
