@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,7 @@ def _report(args: argparse.Namespace) -> None:
     from lm_eval_spade.sweeps.report import make_report
 
     out = Path(args.out) if args.out else None
-    report = make_report([Path(d) for d in args.dirs], out, args.overwrite)
+    report = make_report([Path(d) for d in args.dirs], out, args.overwrite, args.allow_gaps)
     for text in report.markdown.values():
         print(text + "\n")
     print("wrote " + ", ".join(str(f) for f in report.files))
@@ -313,11 +314,16 @@ def _add_sweeps(commands) -> None:
         description=(
             "Reads every lm-eval results JSON under DIR... (sweep output, or lm_eval "
             "--output_path folders of spade-exit runs) and writes, per sweep kind, "
-            "<kind>.csv, <kind>.md and PNG figures into --out (default: DIR/report)."
+            "<kind>.csv, <kind>.md and PNG figures into --out (default: DIR/report). A sweep "
+            "folder is checked against its sweep.json: a missing, cut short or non-numeric "
+            "result is an error naming the file (with --allow-gaps, a warning and a gap)."
         ),
     )
     report.add_argument("dirs", nargs="+", metavar="DIR", help="result folders")
     report.add_argument("--out", help="where to write (default: first DIR/report)")
+    report.add_argument("--allow-gaps", action="store_true",
+        help="report a sweep with missing or unusable results files (a warning each, the "
+        "gaps marked 'gap' in the tables) instead of refusing it")  # fmt: skip
     _add_overwrite(report, "report folder")
     report.set_defaults(run=_report)
 
@@ -487,7 +493,7 @@ def _choose_threshold(args: argparse.Namespace) -> None:
         limit=args.limit, batch_size=args.batch_size, model_args=args.model_args,
         include_path=args.include_path, spade_positions=SpadePositions(args.spade_positions),
         spade_start=SpadeStart(args.spade_start), bootstrap_iters=args.bootstrap_iters,
-        time_full_depth=False,
+        time_full_depth=False, overwrite=args.overwrite,
     )  # fmt: skip
     config = _from_args(
         ChooseConfig,
@@ -566,6 +572,7 @@ def _add_choose_threshold(commands) -> None:
     add("--bootstrap-iters", type=int, default=0,
         help="lm-eval's bootstrap iterations for the chosen setting's stderr "
         "(default: %(default)s)")  # fmt: skip
+    _add_overwrite(choose, "choose-threshold output")
     choose.set_defaults(run=_choose_threshold)
 
 
@@ -630,16 +637,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status of a command stopped by Ctrl-C (128 + SIGINT, as the shell reports it).
+INTERRUPTED = 130
+
+
+def _interrupted(command: str, written: list[Path]) -> str:
+    """The one line for Ctrl-C: outputs are written whole or not at all (`files`), so
+    it says which, if any, were put in place before the interrupt."""
+    if not written:
+        return f"lm-eval-spade {command}: interrupted; no output was written"
+    done = ", ".join(str(p) for p in written)
+    return f"lm-eval-spade {command}: interrupted after writing {done} (complete)"
+
+
 def main(argv: list[str] | None = None) -> None:
+    from lm_eval_spade import files
+
     args = build_parser().parse_args(argv)
     logs.setup(logging.DEBUG if args.verbose else logging.INFO)
+    command = " ".join(filter(None, [args.command, getattr(args, "sweep", None)]))
+    committed = len(files.COMMITTED)
     try:
         args.run(args)
     except UserInputError as err:
         # Bad input is the user's to fix: one line naming it, no traceback.
         close_progress_bars()
-        command = " ".join(filter(None, [args.command, getattr(args, "sweep", None)]))
         raise SystemExit(f"lm-eval-spade {command}: error: {err}") from None
+    except KeyboardInterrupt:
+        close_progress_bars()
+        print(_interrupted(command, files.COMMITTED[committed:]), file=sys.stderr)
+        raise SystemExit(INTERRUPTED) from None
 
 
 if __name__ == "__main__":

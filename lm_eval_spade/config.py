@@ -288,6 +288,15 @@ class SpadeConfig:
                 f"blocks, so exit_layer must be between 0 (embeddings) and {num_layers} "
                 "(full model)."
             )
+        if self.threshold is not None and self.min_layer == self.interval >= num_layers:
+            # min_layer defaults to interval: name what was given
+            where = "above" if self.interval > num_layers else "equal to"
+            raise SpadeArgumentError(
+                f"interval={self.interval} is {where} the model's L={num_layers} blocks: the "
+                f"first check is at layer interval (unless min_layer is given) and checks "
+                f"happen below L, so no request could exit; give interval <= {num_layers - 1}"
+                " (or min_layer=K to start the checks earlier)."
+            )
         if self.min_layer is not None and not 0 <= self.min_layer < num_layers:
             raise SpadeArgumentError(
                 f"min_layer={self.min_layer} is out of range: checks happen below the last "

@@ -142,6 +142,8 @@ class SpadeExitLM(HFLM):
         check_model_args(pretrained, kwargs)
         spade_args = {k: kwargs.pop(k) for k in list(kwargs) if k in SPADE_MODEL_ARGS}
         self.spade = SpadeConfig.from_model_args(**spade_args)
+        #: kv_strategy as given (not defaulted): said once to have no effect on scoring.
+        self._kv_given = self.spade.kv_strategy if "kv_strategy" in spade_args else None
         self._model_args = {"pretrained": pretrained, **kwargs}  # for `answer_cache`
         try:
             super().__init__(pretrained=pretrained, **kwargs)
@@ -348,6 +350,14 @@ class SpadeExitLM(HFLM):
     ) -> list[Any]:
         unique, index = _first_occurrences(requests)
         self._rolling, self._row_exits, self._truncated = rolling, [], set()
+        if self._kv_given is not None and self.rank == 0:
+            logger.warning(
+                "kv_strategy=%s has no effect on these %d %s requests: it sets what the "
+                "blocks above an exit hold in generation (generate_until) only",
+                self._kv_given.value, len(unique),
+                "loglikelihood_rolling" if rolling else "loglikelihood",
+            )  # fmt: skip
+            self._kv_given = None  # once
         results = score(unique, disable_tqdm=disable_tqdm)
         self._check_finite(unique, results)
         self._record(unique, self._request_exits(unique, rolling))

@@ -1,6 +1,7 @@
 """Running the package's commands as a user would, and checking what they leave behind.
 
-- `run_command`: the real `lm-eval-spade` or `lm_eval` executable in a subprocess;
+- `run_command`: the real `lm-eval-spade` or `lm_eval` executable in a subprocess
+  (`run_interrupted`: the same, with Ctrl-C once its output shows a given line);
 - `run_spade_cli`: `lm_eval_spade.cli.main` in this process, which is what the
   `lm-eval-spade` executable calls (its entry point), with its output captured;
 - `run_lm_eval_model`: the `lm_eval` command up to the model, in this process: lm-eval's
@@ -18,6 +19,8 @@ import contextlib
 import io
 import logging
 import os
+import re
+import signal
 import subprocess
 import sys
 import traceback
@@ -37,7 +40,12 @@ class Outcome:
 
     @property
     def error_lines(self) -> list[str]:
-        return [line for line in self.output.splitlines() if ": error: " in line]
+        """The lines that end a command: an error, or Ctrl-C's."""
+        return [
+            line
+            for line in self.output.splitlines()
+            if ": error: " in line or re.match(r"^[\w -]+: interrupted\b", line)
+        ]
 
 
 def command_env(**extra: str | None) -> dict[str, str]:
@@ -178,3 +186,27 @@ def changes(
 
     names = set(before) | set(after)
     return sorted(n for n in names if before.get(n) != after.get(n) and not inside(n))
+
+
+def run_interrupted(
+    program: str, argv: list[str], cwd: Path, at: str, env: dict[str, str] | None = None
+) -> Outcome:
+    """The real executable, sent SIGINT (Ctrl-C) once its output matches the regex `at`."""
+    proc = subprocess.Popen(
+        [str(BIN / program), *argv],
+        cwd=cwd,
+        env=env or command_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    seen = b""
+    while not re.search(at, seen.decode(errors="replace")):
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:  # it ended first: the outcome says how
+            break
+        seen += chunk
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=600)
+    return Outcome(proc.returncode, (seen + rest).decode(errors="replace"))

@@ -1,6 +1,7 @@
 """A folder of inputs a careless or unlucky user would hand the commands: lenses damaged
 in every way a config edit or a bad copy makes, data files with missing fields, outputs
-of earlier runs, folders and files that are not ours, a model with a NaN weight."""
+of earlier runs (one holding another), sweep folders broken in every way `report` must
+notice, folders and files that are not ours, a model with a NaN weight."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.files import MARKER
 from lm_eval_spade.lens import Lens, LensKind, export_tuned_lens, save_lens
+from lm_eval_spade.sweeps.results import MANIFEST, Setting, contents, write_manifest
+from lm_eval_spade.sweeps.settings import SweepSettings
 
 PROMPTS = [
     "Once upon a time, there was a little girl named Lily. She loved to",
@@ -163,7 +166,8 @@ def _offline(root: Path) -> None:
 
 def _earlier_outputs(root: Path) -> None:
     """Folders as earlier runs of other commands left them, and folders not ours."""
-    for name, kind in {"sweep_old": "sweep", "adapter_old": "LoRA adapter"}.items():
+    kinds = {"sweep_old": "sweep", "adapter_old": "LoRA adapter", "choice_old": "threshold choice"}
+    for name, kind in kinds.items():
         (root / name).mkdir()
         _write_json(root / name / MARKER, {"kind": kind})
         (root / name / "keep.txt").write_text("an earlier run's output\n")
@@ -182,6 +186,83 @@ def _earlier_outputs(root: Path) -> None:
     (root / "adapter_empty" / "README.md").write_text("no adapter here\n")
     (root / "model_noconfig").mkdir()
     (root / "model_noconfig" / "weights.bin").write_bytes(b"\0" * 16)
+    # a lens holding another output (copied in by hand: no command writes one there)
+    holding = shutil.copytree(root / "lens", root / "lens_holding")
+    shutil.copytree(root / "lens", holding / "inner")
+
+
+def _sweep_result(layer: int, value: float) -> dict:
+    """A layer sweep's results file for SPADE at `layer` (as `results.evaluate_setting`
+    writes it, on a task `t` of 4 documents)."""
+    return {
+        "results": {"t": {"alias": "t", "acc,none": value, "acc_stderr,none": 0.25}},
+        "config": {
+            "model": "spade-exit",
+            "model_args": f"pretrained={STORIES},exit_layer={layer}",
+            "spade": {"tasks": {"t": {"mean_exit_layer": layer, "compute_fraction": layer / 5}}},
+        },
+        "n-samples": {"t": {"original": 4, "effective": 4}},
+        "sweep": {
+            "setting": f"spade_L{layer}",
+            "kind": "layers",
+            "decoder": "spade",
+            "decoder_label": "SPADE",
+            "layer": layer,
+            "num_layers": 5,
+        },
+    }
+
+
+def _sweeps(root: Path) -> None:
+    """A complete layer sweep (`sweep_ok`, three results files listed in its sweep.json)
+    and copies broken as a crash, a bad copy or an edit leaves them."""
+    ok = root / "sweep_ok"
+    written = [_sweep_result(k, 0.25 * (k + 1)) for k in range(3)]
+    for data in written:
+        path = ok / "results" / f"{data['sweep']['setting']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, data)
+    settings = SweepSettings(model=str(STORIES), tasks=["t"], out=ok)
+    points = [Setting(d["sweep"]["setting"], None, d["sweep"]) for d in written]
+    write_manifest(ok, "layers", settings, num_layers=5, **contents(points, written))
+    _write_json(ok / MARKER, {"kind": "sweep", "parts": []})
+
+    def broken(name: str, edit) -> None:
+        edit(shutil.copytree(ok, root / name))
+
+    def results_edit(key, value):
+        def edit(folder: Path) -> None:
+            data = json.loads((folder / "results" / "spade_L1.json").read_text())
+            data["results"]["t"][key] = value
+            _write_json(folder / "results" / "spade_L1.json", data)
+
+        return edit
+
+    def block_edit(folder: Path) -> None:
+        data = json.loads((folder / "results" / "spade_L1.json").read_text())
+        data["sweep"]["layer"] = "one"
+        _write_json(folder / "results" / "spade_L1.json", data)
+
+    def manifest_edit(folder: Path) -> None:
+        data = json.loads((folder / MANIFEST).read_text())
+        data["num_layers"] = "five"
+        _write_json(folder / MANIFEST, data)
+
+    def cut(path: Path) -> None:
+        text = path.read_text()
+        path.write_text(text[: len(text) // 2])
+
+    broken("sweep_missing", lambda f: (f / "results" / "spade_L1.json").unlink())
+    broken("sweep_cut", lambda f: cut(f / "results" / "spade_L1.json"))
+    broken("sweep_str", results_edit("acc,none", "0.5"))
+    broken("sweep_nan", results_edit("acc,none", float("nan")))
+    broken("sweep_block", block_edit)
+    broken("sweep_manifest", manifest_edit)
+    broken("sweep_manifest_cut", lambda f: cut(f / MANIFEST))
+    broken(
+        "sweep_foreign",
+        lambda f: shutil.copy(f / "results" / "spade_L1.json", f / "results" / "chosen.json"),
+    )
 
 
 def build(root: Path) -> Path:
@@ -191,4 +272,5 @@ def build(root: Path) -> Path:
     _data(root)
     _offline(root)
     _earlier_outputs(root)
+    _sweeps(root)
     return root

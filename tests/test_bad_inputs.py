@@ -29,6 +29,7 @@ from cliutil import (
     changes,
     command_env,
     run_command,
+    run_interrupted,
     run_lm_eval_model,
     run_spade_cli,
     snapshot,
@@ -48,6 +49,7 @@ class Row:
     words: str
     out: str | None = None  # the output path the command may write
     env: tuple[tuple[str, str | None], ...] = ()
+    interrupt_at: str | None = None  # Ctrl-C once the output matches this (`!` runners)
 
 
 TL = "train-lens --model {stories} --kind lspade --data prompts.jsonl --steps 1 --batch-size 2"
@@ -58,6 +60,7 @@ SX = "sweep transfer --model {stories} --tasks spade_calibration --thresholds 1"
 LM = "--model spade-exit --tasks spade_calibration --device cpu --model_args pretrained={stories}"
 ADAPT = f"{LM},threshold=1,confidence_decoder=logit_lens"
 ARC = f"{TL.replace('prompts.jsonl', 'arc_easy_spade')} --split test --limit 4"
+CT = "choose-threshold --model {stories} --task spade_calibration --confidence-decoder logit_lens"
 USAGE = 2  # argparse's status, and lm_eval's for input errors
 ERR = 1  # lm-eval-spade's for input errors
 
@@ -110,6 +113,84 @@ ROWS: dict[str, Row] = {
         "lm_eval", f"{ADAPT},exit_log=afile.txt", USAGE, "exit_log=afile.txt is an existing file"
     ),
     "exit_log onto a folder": Row("lm_eval", f"{ADAPT},exit_log=notours", USAGE, "is a folder"),
+    "choose-threshold into a folder not ours": Row(
+        "spade", f"{CT} --out notours", ERR, "notours is a folder that lm-eval-spade did not"
+    ),
+    "choose-threshold onto a user's file": Row(
+        "spade", f"{CT} --out afile.txt", ERR, "afile.txt is an existing file"
+    ),
+    "choose-threshold into a sweep (would mix its results in)": Row(
+        "spade", f"{CT} --out sweep_old --overwrite", ERR, "holds a sweep output, not a threshold"
+    ),
+    "choose-threshold onto an earlier choice": Row(
+        "spade", f"{CT} --out choice_old", ERR, "already holds a threshold choice.*--overwrite"
+    ),
+    # --- outputs inside outputs -----------------------------------------------------------
+    "train-lens inside another lens": Row(
+        "spade", f"{TL} --out lens/B", ERR, "--out lens/B is inside lens, a lens output"
+    ),
+    "sweep inside a sweep": Row(
+        "spade", f"{SW} --out sweep_old/again", ERR, "is inside sweep_old, a sweep output"
+    ),
+    "train-lens --overwrite of a lens holding another output": Row(
+        "spade",
+        f"{TL} --out lens_holding --overwrite",
+        ERR,
+        "holds lens_holding/inner, a lens output of another command",
+    ),
+    "report --out inside a sweep it reads": Row(
+        "spade", "report sweep_ok --out sweep_ok/figs", ERR, "is inside sweep_ok, a sweep output"
+    ),
+    "report --out inside a plain folder it reads": Row(
+        "spade",
+        "report results_dir --out results_dir/figs",
+        ERR,
+        "is inside results_dir, one of the folders read",
+    ),
+    "exit_log inside a lens": Row(
+        "lm_eval",
+        f"{ADAPT},exit_log=lens/exits.jsonl",
+        USAGE,
+        "exit_log=lens/exits.jsonl is inside",
+    ),
+    # --- report: what a sweep folder says it holds --------------------------------------
+    "report: a results file missing": Row(
+        "spade", "report sweep_missing", ERR, r"sweep_missing/results/spade_L1.json is missing"
+    ),
+    "report: a results file cut short": Row(
+        "spade", "report sweep_cut", ERR, "spade_L1.json cannot be read as JSON, so it is cut"
+    ),
+    "report: a metric that is a string": Row(
+        "spade", "report sweep_str", ERR, r'spade_L1.json has acc,none "0.5" for task t'
+    ),
+    "report: a metric that is NaN": Row(
+        "spade", "report sweep_nan", ERR, "spade_L1.json has acc,none NaN for task t"
+    ),
+    "report: a malformed sweep block": Row(
+        "spade", "report sweep_block", ERR, 'malformed sweep block: layer is "one"'
+    ),
+    "report: a malformed sweep.json field": Row(
+        "spade", "report sweep_manifest", ERR, 'sweep.json: field num_layers is "five"'
+    ),
+    "report: sweep.json cut short": Row(
+        "spade", "report sweep_manifest_cut", ERR, "sweep.json cannot be read as JSON"
+    ),
+    "report: another run's results in a sweep": Row(
+        "spade", "report sweep_foreign", ERR, "chosen.json is not one of the 3 results files"
+    ),
+    "report: the same folder twice": Row(
+        "spade", "report sweep_ok sweep_ok/", ERR, "sweep_ok is given twice"
+    ),
+    "report: a folder and one inside it": Row(
+        "spade", "report sweep_ok sweep_ok/results", ERR, "is inside sweep_ok, which is also given"
+    ),
+    "report --allow-gaps: a results file missing (warned)": Row(
+        "spade",
+        "report sweep_missing --allow-gaps",
+        0,
+        r"gap: sweep_missing/results/spade_L1.json is missing .*marked 'gap'(.|\n)*\| gap ",
+        "sweep_missing/report",
+    ),
     # --- numbers no one can mean, refused by the command line ----------------------------
     "--limit 0 (lm-eval: all)": Row("spade", f"{TL} --out o --limit 0", USAGE, "--limit: 0 is not"),
     "--limit -1 (all but one)": Row(
@@ -175,6 +256,23 @@ ROWS: dict[str, Row] = {
     ),
     "thresholds --min-layer 99": Row(
         "spade", f"{ST} --out o --min-layer 99", ERR, "min_layer=99 is out of range"
+    ),
+    "choose-threshold --interval 6 (model has 5 blocks)": Row(
+        "spade", f"{CT} --out o --interval 6", ERR, "interval=6 is above the model's L=5"
+    ),
+    "sweep --tasks with a task twice (warned)": Row(
+        "spade",
+        "sweep layers --model {stories} --tasks spade_calibration spade_calibration --limit 1 "
+        "--decoders logit_lens --no-full-depth-timing --out twice",
+        0,
+        "--tasks lists spade_calibration more than once; each task is run once",
+        "twice",
+    ),
+    "choose-threshold --task and --prompts": Row(
+        "spade",
+        f"{CT} --prompts prompts.jsonl --out o",
+        ERR,
+        "both --task spade_calibration and --prompts prompts.jsonl were given",
     ),
     "thresholds without --lens": Row(
         "spade", f"{ST.replace('--lens lens ', '')} --out o", USAGE, "--lens"
@@ -369,6 +467,9 @@ ROWS: dict[str, Row] = {
         "lm_eval", f"{ADAPT},interval=-1", USAGE, "interval=-1 must be at least 1"
     ),
     "min_layer=-1": Row("lm_eval", f"{ADAPT},min_layer=-1", USAGE, "min_layer=-1 is out of range"),
+    "interval=6 (model has 5 blocks)": Row(
+        "lm_eval", f"{ADAPT},interval=6", USAGE, "interval=6 is above the model's L=5"
+    ),
     "min_layer=5 (the last block)": Row(
         "lm_eval", f"{ADAPT},min_layer=5", USAGE, "min_layer=5 is out of range"
     ),
@@ -478,6 +579,12 @@ ROWS.update(
         "model with a NaN weight, plain hf path": Row(
             "lm_eval+", LM.replace("{stories}", "model_nan"), USAGE, "as nan, not a finite number"
         ),
+        "kv_strategy on a loglikelihood-only run (warned)": Row(
+            "lm_eval+",
+            f"{LM},exit_layer=2,kv_strategy=copy",
+            0,
+            "kv_strategy=copy has no effect on these 8 loglikelihood requests",
+        ),
         "generation with temperature=inf": Row(
             "lm_eval+",
             f"{LM.replace('spade_calibration', 'gen_inf')},exit_layer=3",
@@ -509,6 +616,20 @@ ROWS.update(
             ERR,
             "could not be loaded from the hub .*set LM_EVAL_SPADE_DATA_DIR",
             env=(("LM_EVAL_SPADE_DATA_DIR", None),),
+        ),
+        "spade! Ctrl-C while training": Row(
+            "spade!",
+            f"{TL.replace('--steps 1', '--steps 100000')} --out o",
+            130,
+            "^lm-eval-spade train-lens: interrupted; no output was written$",
+            interrupt_at=r"train lspade: .*\| [1-9]\d*/100000",  # after a step
+        ),
+        "lm_eval! Ctrl-C while scoring": Row(
+            "lm_eval!",
+            f"{LM},exit_layer=2 --batch_size 1",
+            130,
+            "^lm_eval: interrupted",
+            interrupt_at=r"Scoring at layer 2 \(spade\): .*\| [1-9]\d*/",  # while scoring
         ),
         "lm_eval! exit_layer=-1": Row(
             "lm_eval!", f"{LM},exit_layer=-1", USAGE, "exit_layer=-1 is out of range"
@@ -565,6 +686,8 @@ def _run(row: Row, root: Path, task_manager) -> object:
             argv, root, lambda lm: evaluate(lm, tasks, limit=2, verbosity="ERROR"), env
         )
     program = {"spade!": "lm-eval-spade", "lm_eval!": "lm_eval"}[row.runner]
+    if row.interrupt_at:
+        return run_interrupted(program, _argv(row), root, row.interrupt_at, command_env(**env))
     return run_command(program, _argv(row), root, command_env(**env))
 
 

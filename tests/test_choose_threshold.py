@@ -20,6 +20,7 @@ from lmutil import DATA, run_cli
 from lm_eval_spade import calibration
 from lm_eval_spade.calibration.task import TaskSpec, prompt, split_items
 from lm_eval_spade.cli import main
+from lm_eval_spade.files import CHOICE, MARKER
 from lm_eval_spade.tasks import offline
 
 pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
@@ -114,6 +115,14 @@ def test_too_few_prompts_say_how_many_would_do(tmp_path):
     assert "No threshold could be certified with 60 calibration questions" in printed
     assert "at least 230 even with no disagreement" in printed
     assert not (tmp_path / "out" / "results").exists()
+    # an output like every command's: marked, and not replaced by a rerun unless asked
+    marker = json.loads((tmp_path / "out" / MARKER).read_text())
+    assert marker["kind"] == CHOICE
+    with pytest.raises(SystemExit) as rerun:
+        main(["choose-threshold", "--model", calibration.NAME, "--prompts", str(prompts),
+              "--lens", calibration.NAME, "--out", str(tmp_path / "out")])  # fmt: skip
+    assert "already holds a threshold choice from an earlier run" in str(rerun.value)
+    assert json.loads((tmp_path / "out" / MARKER).read_text()) == marker
 
 
 def _error(*argv: str) -> str:
@@ -128,7 +137,9 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         "--task", TASK, *lens, "--max-drop", "1.5"
     )
     assert "--task NAME or --prompts FILE" in _error(*lens)
-    assert "--task NAME or --prompts FILE" in _error("--task", TASK, "--prompts", "p.txt", *lens)
+    assert f"both --task {TASK} and --prompts p.txt were given" in _error(
+        "--task", TASK, "--prompts", "p.txt", *lens
+    )
     assert "needs a confidence source" in _error("--task", TASK)
     assert "drop --lens" in _error("--task", TASK, *lens, "--confidence-decoder", "logit_lens")
     assert "needs a tuned_lens lens" in _error(

@@ -20,8 +20,11 @@ from lmutil import STORIES
 
 from lm_eval_spade.architectures import architecture_for
 from lm_eval_spade.files import (
+    CHOICE,
+    COMMITTED,
     LENS,
     MARKER,
+    REPORT,
     SWEEP,
     OutputError,
     check_output,
@@ -91,6 +94,85 @@ def test_a_failed_write_changes_nothing(arch, tmp_path):
         raise RuntimeError("the job failed")
     assert read_lens(out).layers == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lens"]
+
+
+# --- outputs inside outputs -----------------------------------------------------------------
+def _output(path: Path, kind: str, parts: tuple[str, ...] = ()) -> Path:
+    """An output folder of `kind`, written as a command writes it, with `parts` (outputs
+    its own run writes inside it)."""
+    with staged_output(path, kind) as work:
+        (work / "data.txt").write_text(kind)
+        for part in parts:
+            with staged_output(work / part, LENS) as inner:
+                (inner / "data.txt").write_text("part")
+    return path
+
+
+def test_no_output_inside_another(tmp_path):
+    sweep = _output(tmp_path / "sweep", SWEEP)
+    for inside in (sweep / "lens", sweep / "results" / "deeper"):
+        with pytest.raises(OutputError, match=r"is inside .*sweep, a sweep output"):
+            check_output(inside, LENS)
+    check_output(sweep / "report", REPORT)  # a sweep's report, in its default place
+    with pytest.raises(OutputError, match="is inside"):
+        check_output(sweep / "figures", REPORT)
+    choice = _output(tmp_path / "choice", CHOICE)
+    check_output(choice / "report", REPORT)
+    with pytest.raises(OutputError, match=r"is inside .*choice, a threshold choice output"):
+        check_output(choice / "report", LENS)
+    # outputs of earlier versions (no marker) are found by their layout
+    old = tmp_path / "old_sweep"
+    old.mkdir()
+    (old / "sweep.json").write_text(json.dumps({"kind": "layers", "package_version": "0.0"}))
+    with pytest.raises(OutputError, match=r"is inside .*old_sweep, a sweep output"):
+        check_output(old / "x" / "y", LENS)
+
+
+def test_overwrite_never_reaches_into_another_output(tmp_path, caplog):
+    # the parts its own run wrote go with it (a transfer sweep's lenses)
+    sweep = _output(tmp_path / "sweep", SWEEP, parts=("lenses/a", "lenses/b"))
+    assert json.loads((sweep / MARKER).read_text())["parts"] == ["lenses/a", "lenses/b"]
+    _output(sweep / "report", REPORT)  # its report, in its place
+    check_output(sweep, SWEEP, overwrite=True)
+    with (
+        caplog.at_level("WARNING", logger="lm_eval_spade.files"),
+        staged_output(sweep, SWEEP, overwrite=True) as work,
+    ):
+        (work / "data.txt").write_text("new")
+    assert "removing" in caplog.text and "run `lm-eval-spade report" in caplog.text
+    assert sorted(p.name for p in sweep.iterdir()) == [MARKER, "data.txt"]
+    # an output another command put inside it is never deleted with it
+    lens = _output(tmp_path / "lens", LENS)
+    (lens / "inner").mkdir()
+    (lens / "inner" / MARKER).write_text(json.dumps({"kind": LENS, "created": "9999"}))
+    with pytest.raises(OutputError, match=r"holds .*inner, a lens output of another command"):
+        check_output(lens, LENS, overwrite=True)
+    assert (lens / "inner" / MARKER).is_file()
+
+
+def test_an_output_is_put_in_place_whole_even_when_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C while the output is renamed into place waits for the renames, then stops."""
+    import lm_eval_spade.files as files
+
+    old = _output(tmp_path / "out", SWEEP)
+    rename = Path.rename
+
+    def interrupted_rename(self, target):
+        done = rename(self, target)
+        if ".partial." in self.name:
+            os.kill(os.getpid(), signal.SIGINT)  # between the renames
+        return done
+
+    monkeypatch.setattr(files.Path, "rename", interrupted_rename)
+    before = len(COMMITTED)
+    with pytest.raises(KeyboardInterrupt), staged_output(old, SWEEP, overwrite=True) as work:
+        (work / "data.txt").write_text("new")
+    assert (old / "data.txt").read_text() == "new" and COMMITTED[before:] == [old]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # interrupted while writing: nothing is put in place, nothing is left
+    with pytest.raises(KeyboardInterrupt), staged_output(tmp_path / "new", SWEEP):
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # --- cleaning up after killed runs ----------------------------------------------------------

@@ -17,7 +17,9 @@ distribution-free risk control instead (Learn-then-Test, as CALM does for its ex
 
 Output: the chosen threshold, the spade-exit `--model_args` that use it, a table over
 the candidates, `OUT/choose_threshold.json`, and `OUT/results/chosen.json` (lm-eval
-results of the chosen setting, which `report` marks in its threshold figure).
+results of the chosen setting, which `report` marks in its threshold figure). `OUT` is
+an output folder like every command's (`files.staged_output`): checked before the model
+loads, written whole at the end, replaced only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import pandas as pd
 from lm_eval_spade import __version__
 from lm_eval_spade.confidence import Confidence
 from lm_eval_spade.decoders import DecoderKind
+from lm_eval_spade.files import CHOICE, LAYOUTS, check_output, staged_output
 from lm_eval_spade.finite import json_number
 from lm_eval_spade.risk_control import (
     certified_count,
@@ -48,7 +51,7 @@ from lm_eval_spade.sweeps.model import LayerwiseLM
 from lm_eval_spade.sweeps.outcomes import ExitRule, Outcomes, outcomes
 from lm_eval_spade.sweeps.prompts import prompt_requests
 from lm_eval_spade.sweeps.results import Setting, evaluate_setting, write_json
-from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
+from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks, unique_tasks
 from lm_eval_spade.sweeps.spec import Decoding, Signal, SweepError, check_schedule
 from lm_eval_spade.sweeps.thresholds import check_lens_covers
 from lm_eval_spade.sweeps.views import FixedExit, ScoreTable, ThresholdExit
@@ -179,8 +182,14 @@ def build_scorer(settings: SweepSettings, config: ChooseConfig) -> Scorer:
     """Check the inputs, then load the model and lens."""
     check_levels(config.max_drop, config.risk)
     settings.hf_args()  # bad --model-args fail before anything loads
-    if (config.task is None) == (config.prompts is None):
+    if config.task is not None and config.prompts is not None:
+        raise SweepError(
+            f"both --task {config.task} and --prompts {config.prompts} were given; the "
+            "calibration questions come from one of them: drop the other."
+        )
+    if config.task is None and config.prompts is None:
         raise SweepError("give the calibration questions: --task NAME or --prompts FILE.")
+    config.eval_tasks = unique_tasks(config.eval_tasks, "--eval-tasks")
     if config.split not in SPLITS:
         raise SweepError(f"--split {config.split} is not one of {', '.join(SPLITS)}.")
     if not config.thresholds:
@@ -356,6 +365,7 @@ def lm_eval_command(settings: SweepSettings, config: ChooseConfig, model_args: s
 
 
 def run_choose_threshold(settings: SweepSettings, config: ChooseConfig) -> Choice:
+    check_output(settings.out, CHOICE, settings.overwrite, LAYOUTS[CHOICE])  # before any work
     scorer = build_scorer(settings, config)
     config.thresholds = sorted(set(config.thresholds))  # most cautious first
     if config.prompts:
@@ -394,7 +404,10 @@ def run_choose_threshold(settings: SweepSettings, config: ChooseConfig) -> Choic
         shortfall(summary, chosen, config, scorer.rule.layout.num_layers), evaluation,
         histograms, full_depth, scorer.rule.layout.num_layers, [],
     )  # fmt: skip
-    choice.files = write_outputs(scorer, choice)
+    results = chosen_results(scorer, choice)
+    with staged_output(settings.out, CHOICE, settings.overwrite, LAYOUTS[CHOICE]) as work:
+        names = write_outputs(scorer, choice, results, work)
+    choice.files = [settings.out / name for name in names]
     return choice
 
 
@@ -432,13 +445,16 @@ def chosen_results(scorer: Scorer, choice: Choice) -> dict[str, Any] | None:
     return results
 
 
-def write_outputs(scorer: Scorer, choice: Choice) -> list[Path]:
-    """`OUT/choose_threshold.json`, and `OUT/results/chosen.json` when one was chosen."""
+def write_outputs(
+    scorer: Scorer, choice: Choice, results: dict[str, Any] | None, folder: Path
+) -> list[Path]:
+    """`choose_threshold.json`, and `results/chosen.json` (`results`) when one was chosen,
+    written into `folder`; their paths inside it."""
     config, settings = scorer.config, scorer.settings
     files = []
-    results = chosen_results(scorer, choice)
     if results is not None:
-        files.append(write_json(settings.out / "results" / "chosen.json", results))
+        write_json(folder / "results" / "chosen.json", results)
+        files.append(Path("results") / "chosen.json")
     row = choice.chosen_row
     data = {
         "command": "choose-threshold",
@@ -484,7 +500,8 @@ def write_outputs(scorer: Scorer, choice: Choice) -> list[Path]:
             for name, table in choice.evaluation.items()
         },
     }
-    files.insert(0, write_json(settings.out / OUTPUT, data))
+    write_json(folder / OUTPUT, data)
+    files.insert(0, Path(OUTPUT))
     return files
 
 

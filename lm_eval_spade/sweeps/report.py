@@ -28,9 +28,9 @@ from typing import Any
 import pandas as pd
 
 from lm_eval_spade.files import REPORT, check_output, staged_output
+from lm_eval_spade.sweeps import inputs
 from lm_eval_spade.sweeps.layers import DECODER_NAMES
 from lm_eval_spade.sweeps.oracle import ORACLE
-from lm_eval_spade.sweeps.results import MANIFEST
 from lm_eval_spade.sweeps.spec import SweepError
 
 logger = logging.getLogger(__name__)
@@ -63,10 +63,6 @@ def markdown_table(frame: pd.DataFrame, **kwargs: Any) -> str:
     computation."""
     cells = frame.astype(object).where(frame.notna(), None)
     return cells.to_markdown(missingval="—", **kwargs)
-
-
-def _is_results(data: Any) -> bool:
-    return isinstance(data, dict) and isinstance(data.get("results"), dict) and "config" in data
 
 
 def _placement(data: dict[str, Any]) -> dict[str, Any]:
@@ -163,34 +159,93 @@ def _speedup(timing: dict[str, Any]) -> float | None:
     return None
 
 
-def load_results(dirs: list[Path]) -> pd.DataFrame:
-    """The long table of every results JSON under `dirs`; clear errors for folders that
-    are missing, empty, or hold no lm-eval results."""
-    rows: list[dict[str, Any]] = []
-    for folder in dirs:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise SweepError(
-                f"{folder} is not a folder; give sweep output or lm-eval result folders."
+def _placed_rows(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """`_rows`, once the file's place (its sweep block, or its spade settings) is known to
+    be one the report can read; a ValueError names what is wrong."""
+    where = "sweep block" if "sweep" in data else "spade settings (config.spade)"
+    try:
+        wrong = inputs.place_error(_placement(data))
+        if wrong is None:
+            return _rows(path, data)
+    except (ValueError, TypeError, AttributeError) as err:
+        wrong = str(err)
+    raise ValueError(f"has a malformed {where}: {wrong}")
+
+
+def _gap_rows(problem: inputs.Problem, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with no value for what `problem` leaves out, where it would have been, each
+    task with the metrics the other files report for it (`report --allow-gaps`)."""
+    if problem.place is None or not problem.tasks:
+        return []
+    out = []
+    for task in problem.tasks:
+        metrics = [problem.metric] if problem.metric else []
+        metrics = metrics or sorted({r["metric"] for r in rows if r["task"] == task})
+        for metric in metrics:
+            out.append(
+                {
+                    **problem.place,
+                    "file": str(problem.file),
+                    "task": task,
+                    "metric": metric,
+                    "value": float("nan"),
+                    "stderr": None,
+                    "samples": None,
+                    "mean_exit_layer": None,
+                    "compute_fraction": None,
+                    "model": _model_name(problem.model_args),
+                    "speedup": None,
+                    "gap": problem.reason,
+                }
             )
-        found = 0
-        for path in sorted(folder.rglob("*.json")):
-            if path.name == MANIFEST or "report" in path.relative_to(folder).parts[:-1]:
-                continue
+    return out
+
+
+def load_results(dirs: list[Path], allow_gaps: bool = False) -> pd.DataFrame:
+    """The long table of every results JSON under `dirs`, each checked against what its
+    folder says it holds (`inputs.py`); clear errors for folders that are missing, given
+    twice, overlapping, empty, or that hold a missing or unusable results file. With
+    `allow_gaps`, such a file is a warning and rows marked `gap` instead."""
+    rows: list[dict[str, Any]] = []
+    problems: list[inputs.Problem] = []
+    read: dict[Path, dict[str, Any]] = {}  # the files placed
+    for folder in inputs.check_dirs(dirs):
+        found = inputs.read_folder(folder)
+        for path, data in found.results:
             try:
-                data = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-                continue
-            if _is_results(data):
-                rows += _rows(path, data)
-                found += 1
-        if not found:
+                rows += _placed_rows(path, data)
+                read[path] = data
+            except ValueError as err:
+                found.problems.append(found.problem(path, str(err)))
+        if not found.results and not found.problems:
             raise SweepError(
                 f"{folder} holds no lm-eval results files (JSON with 'results' and 'config'); "
                 "point report at the --out folder of a sweep or an lm_eval --output_path."
             )
-    table = pd.DataFrame(rows)
-    if table.empty:
+        problems += found.problems
+    if problems and not allow_gaps:
+        raise inputs.refusal(problems)
+    gaps = []
+    for problem in problems:
+        data = read.get(problem.file)
+        if problem.metric is not None and data is not None:  # placed as its other numbers
+            problem.place, problem.model_args = _placement(data), data["config"].get("model_args")
+            rows = [
+                r
+                for r in rows
+                if (r["file"], r["task"], r["metric"])
+                != (str(problem.file), problem.tasks[0], problem.metric)
+            ]
+        marked = _gap_rows(problem, rows)
+        gaps += marked
+        logger.warning(
+            "gap: %s; %s", problem,
+            "its results are marked 'gap' in the tables" if marked
+            else "left out of the tables" if problem.foreign
+            else "left out of the tables (where its results go is unknown)",
+        )  # fmt: skip
+    table = pd.DataFrame(rows + gaps)
+    if table.empty or table["value"].notna().sum() == 0:
         raise SweepError(f"the results under {', '.join(map(str, dirs))} hold no task metrics.")
     return table
 
@@ -210,6 +265,48 @@ def _label(metric: str) -> str:
 
 
 # --- tables ------------------------------------------------------------------------------
+GAP = "gap"
+
+
+def _gaps(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `frame` that stand for missing or unusable results (`--allow-gaps`)."""
+    return frame[frame["gap"].notna()] if "gap" in frame else frame.iloc[:0]
+
+
+def _shown_value(value: Any, floatfmt: str = ".4g") -> Any:
+    return value if pd.isna(value) else format(value, floatfmt)
+
+
+def _mark_gap_cells(pivot: pd.DataFrame, group: pd.DataFrame, index: str, column: str):
+    """`pivot` (values of `group` by `index` and `column`) with GAP in the cells of gaps."""
+    gaps = _gaps(group)
+    if gaps.empty:
+        return pivot
+    marked = pivot.astype(object).map(_shown_value)
+    for _, row in gaps.iterrows():
+        marked.loc[row[index], row[column]] = GAP
+    return marked.sort_index()
+
+
+def _mark_gap_values(view: pd.DataFrame, group: pd.DataFrame) -> pd.DataFrame:
+    """`view` (rows of `group`) with GAP as the value of gaps."""
+    gaps = _gaps(group)
+    if gaps.empty:
+        return view
+    values = [GAP if i in gaps.index else _shown_value(v) for i, v in view["value"].items()]
+    return view.assign(value=pd.Series(values, index=view.index, dtype=object))
+
+
+def _gap_note(gaps: pd.DataFrame) -> str:
+    """What the cells marked GAP stand for."""
+    files = gaps.drop_duplicates("file")
+    lines = [f"- {row['file']} {row['gap']}" for _, row in files.iterrows()]
+    return (
+        f"**Gaps** (`report --allow-gaps`): {len(files)} results file(s) missing or unusable; "
+        f"their cells read `{GAP}`:\n\n" + "\n".join(lines)
+    )
+
+
 def _layer_tables(main: pd.DataFrame) -> str:
     parts = []
     for (task, metric), group in main.groupby(["task", "metric"], sort=True):
@@ -219,6 +316,7 @@ def _layer_tables(main: pd.DataFrame) -> str:
         order = [d for d in DECODER_NAMES.values() if d in pivot.columns]
         pivot = pivot[order + [c for c in pivot.columns if c not in order]]
         pivot.columns.name = None
+        pivot = _mark_gap_cells(pivot, group, "layer", "decoder_label")
         n = group["samples"].dropna()
         size = f", {int(n.iloc[0])} documents" if len(n) else ""
         better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
@@ -236,6 +334,7 @@ def _exit_tables(main: pd.DataFrame, by: str) -> str:
         cols = [c for c in cols if c in group.columns]
         keys = [by, "compute_fraction", *[c for c in ("threshold", "layer") if c in cols]]
         view = group[cols].sort_values(keys, ascending=[True, False] + [True] * (len(keys) - 2))
+        view = _mark_gap_values(view, group)
         view = view.rename(
             columns={
                 "value": _label(metric),
@@ -261,6 +360,10 @@ def tables(table: pd.DataFrame) -> dict[str, str]:
         out["thresholds"] = _exit_tables(main[main["kind"] == "thresholds"], "series")
     if (main["kind"] == "transfer").any():
         out["transfer"] = _exit_tables(main[main["kind"] == "transfer"], "lens_task")
+    gaps = _gaps(main)
+    for kind in out:
+        if (gaps["kind"] == kind).any():
+            out[kind] += "\n\n" + _gap_note(gaps[gaps["kind"] == kind])
     if not out:
         kinds = ", ".join(sorted(set(main["kind"])))
         raise SweepError(
@@ -324,6 +427,8 @@ def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
         row["compute fraction"] = by_task["compute_fraction"].mean()
         speedups = group["speedup"].dropna()  # from whichever file of the setting was timed
         row["speedup vs hf"] = speedups.mean() if len(speedups) else None
+        if len(_gaps(group)):
+            row["gaps"] = ", ".join(sorted(set(_gaps(group)["task"])))
         rows.append(row)
     board = pd.DataFrame(rows)
     lower = bool(main["metric"].isin(LOWER_IS_BETTER).all())
@@ -333,15 +438,24 @@ def leaderboard(table: pd.DataFrame) -> pd.DataFrame:
     return board.reset_index(drop=True)
 
 
+def _board_cell(value: Any, stderr: Any, gap: bool) -> str:
+    if gap:
+        return GAP
+    if pd.isna(value):
+        return ""
+    return f"{value:.3f} ± {stderr:.3f}" if pd.notna(stderr) else f"{value:.3f}"
+
+
 def leaderboard_markdown(board: pd.DataFrame) -> str:
     tasks = [c for c in board.columns if f"{c} stderr" in board.columns]
     view = pd.DataFrame({"rank": range(1, len(board) + 1)})
     for key in ("model", "rule", "point"):
         view[key] = board[key]
+    gaps = board["gaps"].fillna("") if "gaps" in board else pd.Series("", index=board.index)
     for task in tasks:
         view[task] = [
-            "" if pd.isna(v) else f"{v:.3f} ± {e:.3f}" if pd.notna(e) else f"{v:.3f}"
-            for v, e in zip(board[task], board[f"{task} stderr"], strict=True)
+            _board_cell(v, e, task in g.split(", "))
+            for v, e, g in zip(board[task], board[f"{task} stderr"], gaps, strict=True)
         ]
     view["average"] = [f"{v:.3f}" if pd.notna(v) else "" for v in board["average"]]
     view["compute fraction"] = [
@@ -600,12 +714,17 @@ def is_report_dir(path: Path) -> bool:
     )
 
 
-def make_report(dirs: list[Path], out: Path | None = None, overwrite: bool = False) -> Report:
-    """Read `dirs`, write CSV, markdown and PNG files into `out` (default DIR/report),
-    written whole; an earlier report there is replaced only with `overwrite`."""
+def make_report(
+    dirs: list[Path], out: Path | None = None, overwrite: bool = False, allow_gaps: bool = False
+) -> Report:
+    """Read `dirs` (checked: `load_results`), write CSV, markdown and PNG files into `out`
+    (default DIR/report, not elsewhere inside an input folder), written whole; an earlier
+    report there is replaced only with `overwrite`."""
+    dirs = inputs.check_dirs(dirs)
     out = Path(out) if out is not None else Path(dirs[0]) / "report"
     check_output(out, REPORT, overwrite, is_report_dir)
-    table = load_results(dirs)
+    inputs.check_out(out, dirs)
+    table = load_results(dirs, allow_gaps)
     markdown = tables(table)
     names = []
     with staged_output(out, REPORT, overwrite, is_report_dir) as work:

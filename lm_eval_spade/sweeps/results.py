@@ -5,8 +5,10 @@ A sweep writes `OUT/results/<setting>.json` for every setting it evaluates, each
 (`results`, `configs`, `versions`, `n-shot`, `higher_is_better`, `n-samples`, and
 `config` with `config.spade`: settings and per-task exit statistics), plus a `sweep`
 block naming the sweep kind and the setting's place in it. `OUT/sweep.json` holds the
-sweep's own record: kind, settings and what scoring cost. `report` reads both, and
-plain lm-eval result folders too.
+sweep's own record: kind, settings, what scoring cost, and what the folder holds
+(`results`: each results file's name and `sweep` block; `result_tasks`: the tasks each
+holds). `report` reads both, checks the first against the second (`sweeps/inputs.py`),
+and reads plain lm-eval result folders too.
 
 A sweep writes into a fresh folder that replaces `OUT` only when it is complete
 (`sweep_output`), so a rerun never mixes its files with an earlier run's.
@@ -125,12 +127,31 @@ def run_settings(
     out: Path,
 ) -> list[dict[str, Any]]:
     """Evaluate every setting and write its results JSON under `out/results/`."""
+    names = [result_file(setting) for setting in settings_list]
+    assert len(set(names)) == len(names), "two settings would share a results file"
     written = []
-    for setting in tqdm(settings_list, desc="settings (lm-eval metrics)"):
+    for setting, name in zip(
+        tqdm(settings_list, desc="settings (lm-eval metrics)"), names, strict=True
+    ):
         results = evaluate_setting(table, setting, task_dict, settings)
-        write_json(out / "results" / f"{slug(setting.name)}.json", results)
+        write_json(out / "results" / name, results)
         written.append(results)
     return written
+
+
+def result_file(setting: Setting) -> str:
+    """The name of a setting's results file under `OUT/results/`."""
+    return f"{slug(setting.name)}.json"
+
+
+def contents(points: Sequence[Setting], written: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What a sweep folder holds, for its manifest: each results file with its `sweep`
+    block (where `report` places it), and the tasks every one of them reports."""
+    tasks = sorted(set().union(*(r.get("results", {}) for r in written))) if written else []
+    return {
+        "results": {result_file(p): r["sweep"] for p, r in zip(points, written, strict=True)},
+        "result_tasks": tasks,
+    }
 
 
 def write_manifest(out: Path, kind: str, settings: SweepSettings, **record: Any) -> Path:
@@ -165,6 +186,9 @@ def run_sweep(
         write_json(work / ORACLE, found)
         record["oracle"] = ORACLE
     cost = table.cost.to_dict()
-    write_manifest(work, kind, settings, num_layers=lm.layout.num_layers, cost=cost, **record)
+    write_manifest(
+        work, kind, settings, num_layers=lm.layout.num_layers, cost=cost, **record,
+        **contents(points, results),
+    )  # fmt: skip
     logger.info("wrote %d results files for %s", len(points), settings.out / "results")
     return SweepOutcome(settings.out, table.cost, results)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from lm_eval_spade.decoders import SpadePositions, SpadeStart
 from lm_eval_spade.sweeps.spec import SweepError
+
+logger = logging.getLogger(__name__)
 
 #: HFLM settings sweeps use unless --model-args says otherwise. The start token SPADE
 #: pairs every position with is spade-exit's own (HFLM's prefix token where the
@@ -51,6 +54,7 @@ class SweepSettings:
             raise SweepError(f"--batch-size {self.batch_size} must be at least 1.")
         if self.bootstrap_iters < 0:
             raise SweepError(f"--bootstrap-iters {self.bootstrap_iters} must be >= 0.")
+        self.tasks = unique_tasks(self.tasks, "--tasks")
         self.hf_args()
 
     def hf_args(self) -> dict[str, Any]:
@@ -87,6 +91,19 @@ class SweepSettings:
         data["spade_start"] = self.spade_start.value
         data.pop("overwrite")
         return data
+
+
+def unique_tasks(names: list[str], option: str) -> list[str]:
+    """`names` with each task once, in order; one warning line names the repeats (a task
+    listed twice is run and recorded once: its results could only repeat)."""
+    unique = list(dict.fromkeys(names))
+    if len(unique) < len(names):
+        repeated = [n for n in unique if names.count(n) > 1]
+        logger.warning(
+            "%s lists %s more than once; each task is run once", option,
+            ", ".join(repeated),
+        )  # fmt: skip
+    return unique
 
 
 def load_tasks(names: list[str], include_path: str | None, manager: Any = None) -> dict:

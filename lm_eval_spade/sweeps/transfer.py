@@ -22,7 +22,7 @@ from lm_eval_spade.lens.translators import LensKind
 from lm_eval_spade.sweeps.layers import oracle_decoders
 from lm_eval_spade.sweeps.model import LayerwiseLM
 from lm_eval_spade.sweeps.results import SweepOutcome, run_sweep, slug, sweep_output
-from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks
+from lm_eval_spade.sweeps.settings import SweepSettings, load_tasks, unique_tasks
 from lm_eval_spade.sweeps.spec import Decoding, Signal, SweepError, check_schedule
 from lm_eval_spade.sweeps.thresholds import (
     Series,
@@ -89,6 +89,7 @@ def train_lenses(
 def run_transfer_sweep(settings: SweepSettings, config: TransferConfig) -> SweepOutcome:
     if config.train_limit is not None and config.train_limit < 1:
         raise SweepError(f"--train-limit {config.train_limit} must be at least 1.")
+    config.train_tasks = unique_tasks(config.train_tasks, "--train-tasks")
     with sweep_output(settings) as work:  # bad settings and --out fail before anything loads
         return _transfer_sweep(settings, config, work)
 
