@@ -42,7 +42,8 @@ accuracy() {  # lm-eval's own `hf` at full depth (no start token), per task
 layers() {  # figures 3/4/7 without lenses, and the oracle exit of each decoder, per task
   for t in $TASKS; do
     step "layers-$t" "$OUT/layers-$t" $SPADE sweep layers --model "$MODEL" --tasks "$t" \
-      --limit "$LIMIT" --decoders logit_lens spade spade_nos --out "$OUT/layers-$t"
+      --limit "$LIMIT" --decoders logit_lens spade spade_nos --no-full-depth-timing \
+      --out "$OUT/layers-$t"
   done
 }
 
