@@ -30,6 +30,7 @@ from lm_eval_spade.finite import check_finite, check_training_step, is_rate, opt
 from lm_eval_spade.lens.data import task_examples
 from lm_eval_spade.lens.targets import start_token_id
 from lm_eval_spade.loading import load_causal_lm
+from lm_eval_spade.paths import make_file_portable, portable
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,10 @@ def finetune_task(
 
     def write(tmp: Path) -> None:
         peft_model.save_pretrained(tmp)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        for name in ("adapter_config.json", "README.md"):  # peft records the base model's path
+            if (tmp / name).is_file():
+                make_file_portable(tmp / name)
+        (tmp / REPORT_FILE).write_text(json.dumps(portable(report), indent=2) + "\n")
 
     path = write_atomically(Path(out), write, ADAPTER, overwrite, is_adapter_dir)
     logger.info("saved the LoRA adapter to %s", path)

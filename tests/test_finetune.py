@@ -58,6 +58,10 @@ def test_finetuning_on_arc_train_lowers_the_loss(adapter):
     report = json.loads((out / "finetune.json").read_text())
     assert report["task"] == "arc_easy_spade" and report["examples"] == 128
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
+    # The base model by its folder's name, not this machine's path to it (paths.py).
+    peft_config = json.loads((out / "adapter_config.json").read_text())
+    assert report["base_model"] == peft_config["base_model_name_or_path"] == STORIES.name
+    assert str(STORIES) not in (out / "README.md").read_text()
 
 
 def test_loss_summary_windows_never_overlap():

@@ -180,6 +180,10 @@ def test_export_writes_tuned_lens_layout_and_reads_back_exactly(trained_dir, tmp
         "base_model_name_or_path", "d_model", "num_hidden_layers", "bias",
         "base_model_revision", "unembed_hash", "lens_type",
     }  # fmt: skip
+    # The model's folder by its name, not this machine's path to it (paths.py).
+    assert config["base_model_name_or_path"] == STORIES.name
+    ours = json.loads((trained_dir / "config.json").read_text())
+    assert ours["base_model_name_or_path"] == STORIES.name
     assert (config["d_model"], config["num_hidden_layers"], config["lens_type"]) == (
         64,
         5,

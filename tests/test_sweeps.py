@@ -78,6 +78,16 @@ def results(out: Path, name: str) -> dict:
     return json.loads((out / "results" / f"{name}.json").read_text())
 
 
+def with_paths(model_args: str, *folders: Path) -> str:
+    """A results file's model_args with this machine's paths back: outputs record a model
+    or lens folder outside the working directory by its name (`lm_eval_spade/paths.py`)."""
+    named = {folder.name: str(folder) for folder in (STORIES, *folders)}
+    return ",".join(
+        f"{key}={named.get(value, value)}" if key in ("pretrained", "lens") else f"{key}={value}"
+        for key, value in (part.split("=", 1) for part in model_args.split(","))
+    )
+
+
 @pytest.fixture(scope="module")
 def task_manager(local_data):
     from lm_eval.tasks import TaskManager
@@ -112,11 +122,13 @@ def assert_same_run(swept: dict, real: dict, tasks: list[str]) -> None:
     ("name", "layer"),
     [("spade_L1", 1), ("spade_nos_L3", 3), ("lspade_L4", 4)],
 )
-def test_layer_sweep_equals_fixed_layer_runs(layer_sweep, task_manager, name, layer):
+def test_layer_sweep_equals_fixed_layer_runs(layer_sweep, lens, task_manager, name, layer):
     out, _ = layer_sweep
     swept = results(out, name)
     assert swept["sweep"]["layer"] == layer
-    real = spade_exit_run(task_manager, swept["config"]["model_args"], [STORY, ARC])
+    real = spade_exit_run(
+        task_manager, with_paths(swept["config"]["model_args"], lens), [STORY, ARC]
+    )
     assert_same_run(swept, real, [STORY, ARC])
 
 
@@ -144,14 +156,14 @@ def test_layer_sweep_covers_every_decoder_and_layer_and_prints_its_cost(layer_sw
     assert max(full) == pytest.approx(min(full), rel=1e-6)
 
 
-def test_threshold_sweep_equals_spade_exit_runs(threshold_sweep, task_manager):
+def test_threshold_sweep_equals_spade_exit_runs(threshold_sweep, lens, task_manager):
     out, printed = threshold_sweep
     names = {p.stem for p in (out / "results").glob("*.json")}
     assert {"SPADE-EXIT_T1.5", "top-2-margin-L-SPADE-_T2.5", "entropy-logit-lens-_Tinf"} <= names
     assert {f"static-exit-SPADE-_L{k}" for k in range(6)} <= names
     for name in ("SPADE-EXIT_T2.5", "entropy-logit-lens-_T1.5"):
         swept = results(out, name)
-        real = spade_exit_run(task_manager, swept["config"]["model_args"], [ARC])
+        real = spade_exit_run(task_manager, with_paths(swept["config"]["model_args"], lens), [ARC])
         assert_same_run(swept, real, [ARC])
     # inf exits everything at the first check
     assert results(out, "SPADE-EXIT_Tinf")["config"]["spade"]["tasks"][ARC]["mean_exit_layer"] == 1
@@ -174,7 +186,9 @@ def transfer_sweep(tmp_path_factory, lens):
     return out, run_transfer_sweep(settings, config)
 
 
-def test_transfer_trains_a_lens_per_task_and_evaluates_every_task(transfer_sweep, task_manager):
+def test_transfer_trains_a_lens_per_task_and_evaluates_every_task(
+    transfer_sweep, lens, task_manager
+):
     out, outcome = transfer_sweep
     assert (out / "lenses" / "arc_challenge_spade" / "config.json").is_file()
     placed = {(r["sweep"]["lens_task"], r["sweep"]["threshold"]) for r in outcome.results}
@@ -183,7 +197,8 @@ def test_transfer_trains_a_lens_per_task_and_evaluates_every_task(transfer_sweep
         assert set(r["results"]) == {ARC, "arc_challenge_spade"}
     swept = results(out, "L-SPADE-trained-on-arc_challenge_spade_T3")
     tasks = [ARC, "arc_challenge_spade"]
-    real = spade_exit_run(task_manager, swept["config"]["model_args"], tasks, limit=4)
+    model_args = with_paths(swept["config"]["model_args"], lens, out / "lenses" / tasks[1])
+    real = spade_exit_run(task_manager, model_args, tasks, limit=4)
     assert_same_run(swept, real, [ARC, "arc_challenge_spade"])
 
 

@@ -40,6 +40,7 @@ from lm_eval_spade.lens.head_identity import (
     tuned_lens_unembed_hash,
 )
 from lm_eval_spade.lens.translators import LensKind, Translators
+from lm_eval_spade.paths import portable
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def save_lens(lens: Lens, path: str | Path, overwrite: bool = False) -> Path:
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         lens.config.weights_sha256 = _sha256(tmp / WEIGHTS_FILE)
         lens.config.layers = lens.layers
-        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(lens.config), indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(portable(asdict(lens.config)), indent=2) + "\n")
 
     return write_atomically(Path(path), write, LENS, overwrite, is_lens_dir)
 

@@ -33,6 +33,7 @@ from lm_eval_spade.lens.checkpoint import (
     translators_from_tensors,
 )
 from lm_eval_spade.lens.translators import LensKind
+from lm_eval_spade.paths import portable
 
 PARAMS_FILE = "params.pt"
 LENS_TYPE = "linear_tuned_lens"
@@ -149,6 +150,6 @@ def export_tuned_lens(lens: Lens, path: str | Path, overwrite: bool = False) -> 
 
     def write(tmp: Path) -> None:
         torch.save(state, tmp / PARAMS_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps(tuned_config, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(portable(tuned_config), indent=2) + "\n")
 
     return write_atomically(Path(path), write, TUNED_LENS_EXPORT, overwrite)

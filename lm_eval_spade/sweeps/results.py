@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from lm_eval_spade import __version__
 from lm_eval_spade.files import SWEEP, staged_output
+from lm_eval_spade.paths import portable
 from lm_eval_spade.sweeps.model import LayerwiseLM
 from lm_eval_spade.sweeps.oracle import ORACLE, OraclePlan, QuestionTable, sweep_oracle
 from lm_eval_spade.sweeps.settings import SweepSettings
@@ -109,12 +110,13 @@ def evaluate_setting(
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Write JSON via a temporary file, so a crash never leaves half a file."""
+    """Write JSON via a temporary file, so a crash never leaves half a file; its paths
+    made portable (`paths.py`: no absolute path of this machine in an output)."""
     from lm_eval.utils import handle_non_serializable
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=handle_non_serializable) + "\n")
+    tmp.write_text(json.dumps(portable(data), indent=2, default=handle_non_serializable) + "\n")
     tmp.replace(path)
     return path
 
