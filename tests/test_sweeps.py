@@ -21,6 +21,7 @@ from lmutil import DATA, REPO, STORIES, run_cli
 from lm_eval_spade.lens.jobs import DataSpec, train_and_save
 from lm_eval_spade.lens.training import LensTrainConfig
 from lm_eval_spade.lens.translators import LensKind
+from lm_eval_spade.paths import portable
 from lm_eval_spade.sweeps.layers import cost_summary
 from lm_eval_spade.sweeps.report import markdown_table
 from lm_eval_spade.sweeps.results import slug
@@ -115,7 +116,8 @@ def assert_same_run(swept: dict, real: dict, tasks: list[str]) -> None:
         for key in ("requests", "exit_layer_histogram", "block_token_passes", "confidence_checks"):
             assert mine[key] == theirs[key], (task, key)
         assert mine["compute_fraction"] == pytest.approx(theirs["compute_fraction"])
-    assert swept["config"]["spade"]["config"] == real["config"]["spade"]["config"]
+    # the sweep's file records the run's settings with portable paths (paths.py)
+    assert swept["config"]["spade"]["config"] == portable(real["config"]["spade"]["config"])
 
 
 @pytest.mark.parametrize(
