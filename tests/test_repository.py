@@ -29,10 +29,11 @@ STRICT = ("results/", "docs/")
 
 #: Absolute paths that are the same on every machine.
 SYSTEM = ("/dev/", "/proc/", "/sys/", "/usr/", "/bin/", "/etc/")
-#: Made-up absolute paths tests give on purpose (a model that does not exist, names only).
+#: Made-up absolute paths given on purpose (a model that does not exist, examples).
 MADE_UP = {
     "tests/test_bad_inputs.py": ("/no/",),
     "tests/test_sweeps.py": ("/m/", "/a/"),
+    "lm_eval_spade/paths.py": ("/abs/",),  # its docstring's example
     "tests/test_paths.py": ("/",),  # the rule's own cases
     "tests/test_repository.py": ("/",),  # this file's examples
 }
