@@ -543,9 +543,11 @@ def _add_choose_threshold(commands) -> None:
         help="ε: the chance, over the calibration draw, that the guarantee fails "
         "(default: %(default)s)")  # fmt: skip
     add("--lens", metavar="DIR", help="confidence lens (train-lens --kind lspade or tuned_lens)")
-    add("--confidence", default="entropy", choices=["entropy", "margin", "maxprob"],
-        help="uncertainty measure (default: %(default)s)")  # fmt: skip
-    add("--confidence-decoder", choices=["lspade", "tuned_lens", "logit_lens"],
+    add("--confidence", default="entropy",
+        choices=["entropy", "margin", "maxprob", "answer_entropy", "answer_margin"],
+        help="uncertainty measure; answer_* are over a --task's choices (default: "
+        "%(default)s)")  # fmt: skip
+    add("--confidence-decoder", choices=["lspade", "tuned_lens", "logit_lens", "spade"],
         help="what the uncertainty is computed from (default: the --lens's kind)")  # fmt: skip
     add("--interval", type=int, default=1, help="check every N blocks (default: %(default)s)")
     add("--min-layer", type=int, help="first check layer (default: --interval)")
