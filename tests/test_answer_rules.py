@@ -209,7 +209,7 @@ def answer_sweep(tmp_path_factory, letters) -> Path:
             "sweep", "thresholds", "--model", str(STORIES), "--tasks", ARC, letter_task,
             "--include-path", include, "--limit", str(LIMIT), "--out", str(out),
             "--answer-decoders", "spade", "logit_lens", "--patience", "0", "1", "2",
-            "--thresholds", "0.6", "1.2", "--no-full-depth-timing",
+            "--thresholds", "0.01", "0.1", "1.23", "1.8", "--no-full-depth-timing",
         )  # fmt: skip
     return out
 
@@ -218,24 +218,29 @@ def swept(out: Path, name: str) -> dict:
     return json.loads((out / "results" / f"{slug(name)}.json").read_text())
 
 
+#: Thresholds where some questions exit and others go on, on this model (stories260K).
 SETTINGS = [
-    "answer margin (SPADE)_T1.2",
-    "answer entropy (logit lens)_T1.2",
+    "answer margin (SPADE)_T1.8",
+    "answer entropy (SPADE)_T1.23",
+    "answer entropy (logit lens)_T0.1",
     "patience (SPADE)_P1",
     "patience (logit lens)_P2",
 ]
 
 
-@pytest.mark.parametrize("name", SETTINGS)
-def test_answer_rule_sweep_settings_equal_spade_exit_runs(answer_sweep, letters, name):
+@pytest.fixture(scope="module")
+def manager(letters):
     from lm_eval.tasks import TaskManager
 
-    include, letter_task = letters
-    tasks = [ARC, letter_task]
+    return TaskManager(include_path=letters[0])
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_answer_rule_sweep_settings_equal_spade_exit_runs(answer_sweep, letters, manager, name):
+    tasks = [ARC, letters[1]]
     result = swept(answer_sweep, name)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(offline.ENV, str(DATA))
-        manager = TaskManager(include_path=include)
         real = spade_exit_run(manager, result["config"]["model_args"], tasks)
     assert_same_run(result, real, tasks)
 
@@ -248,7 +253,7 @@ def test_answer_rules_exit_early_and_enter_the_oracle_file(answer_sweep, letters
         for name in SETTINGS
         for task in (ARC, letters[1])
     ]
-    assert any(len(h) > 1 for h in histograms)  # some questions exit, others go on
+    assert sum(len(h) > 1 for h in histograms) >= 5  # some questions exit, others go on
     assert (
         swept(answer_sweep, "patience (SPADE)_P0")["config"]["spade"]["tasks"][ARC][
             "mean_exit_layer"
