@@ -279,3 +279,29 @@ def test_answer_rules_exit_early_and_enter_the_oracle_file(answer_sweep, letters
             compute = stats["config"]["spade"]["tasks"][task]["compute_fraction"]
             assert point["compute_fraction"] == pytest.approx(compute), (task, family)
             assert "share_of_oracle_saving" in point
+
+
+# --- a lens as the confidence decoder (the calibration model and its L-SPADE lens) ----------
+@pytest.fixture(scope="module")
+def lens_sweep(tmp_path_factory) -> Path:
+    from lm_eval_spade import calibration
+
+    out = tmp_path_factory.mktemp("lens-answers")
+    run_cli(
+        "sweep", "thresholds", "--model", calibration.NAME, "--lens", calibration.NAME,
+        "--tasks", calibration.TASK, "--limit", "24", "--out", str(out), "--no-baselines",
+        "--answer-decoders", "lens", "--patience", "2", "--thresholds", "0.2",
+        "--no-full-depth-timing",
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("name", ["answer margin (L-SPADE)_T0.2", "patience (L-SPADE)_P2"])
+def test_lens_answer_rules_equal_spade_exit_runs(lens_sweep, manager, name):
+    from lm_eval_spade import calibration
+
+    result = swept(lens_sweep, name)
+    assert "lens=spade-calibration" in result["config"]["model_args"]
+    assert len(result["config"]["spade"]["tasks"][calibration.TASK]["exit_layer_histogram"]) > 2
+    real = spade_exit_run(manager, result["config"]["model_args"], [calibration.TASK], limit=24)
+    assert_same_run(result, real, [calibration.TASK])
