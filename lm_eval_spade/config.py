@@ -200,7 +200,12 @@ class SpadeConfig:
             raise SpadeArgumentError(
                 f"confidence_decoder={confidence.value} is not valid with confidence="
                 f"{self.confidence.value}; choose one of: {', '.join(k.value for k in allowed)}"
-                + ("" if answer_level else " (spade only for answer-level measures)")
+                + (
+                    ""
+                    if answer_level
+                    else " (SPADE itself is what exiting saves; it serves only the answer-level "
+                    "measures answer_entropy, answer_margin, patience)"
+                )
                 + "."
             )
         if self.adaptive and self.lens is None and confidence is None:

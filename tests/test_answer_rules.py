@@ -152,7 +152,7 @@ def test_settings_are_checked():
             dict(patience=1, confidence="entropy", confidence_decoder="logit_lens"),
             "drop confidence",
         ),
-        (dict(threshold=1.0, confidence_decoder="spade"), "spade only for answer-level"),
+        (dict(threshold=1.0, confidence_decoder="spade"), "serves only the answer-level"),
         (dict(patience=1), "needs a confidence source"),
     ]
     for args, message in bad:
