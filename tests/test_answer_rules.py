@@ -160,11 +160,17 @@ def test_settings_are_checked():
             SpadeConfig.from_model_args(**args)
 
 
-def test_answer_level_rules_refuse_perplexity_requests():
+def test_answer_level_rules_refuse_perplexity_and_generation_requests():
+    from lm_eval.api.instance import Instance
+
     lm = make_lm("spade-exit", STORIES, confidence="answer_entropy", threshold=1.0,
                  confidence_decoder="logit_lens")  # fmt: skip
     with pytest.raises(SpadeArgumentError, match="loglikelihood_rolling"):
         lm.loglikelihood_rolling(rolling_requests())
+    prompt = ("Once upon a time", {"until": ["."], "max_gen_toks": 4, "do_sample": False})
+    request = Instance("generate_until", {}, prompt, 0, metadata=("gen", 0, 1))
+    with pytest.raises(SpadeArgumentError, match="generate_until requests have none"):
+        lm.generate_until([request])
 
 
 # --- a sweep without a lens against real spade-exit runs -------------------------------------
@@ -305,3 +311,22 @@ def test_lens_answer_rules_equal_spade_exit_runs(lens_sweep, manager, name):
     assert len(result["config"]["spade"]["tasks"][calibration.TASK]["exit_layer_histogram"]) > 2
     real = spade_exit_run(manager, result["config"]["model_args"], [calibration.TASK], limit=24)
     assert_same_run(result, real, [calibration.TASK])
+
+
+def test_choose_threshold_calibrates_an_answer_level_rule(tmp_path, manager):
+    """choose-threshold over answer-entropy thresholds; its chosen setting's results file
+    is the real spade-exit run of the model_args it prints."""
+    from lm_eval_spade import calibration
+
+    out = tmp_path / "choose"
+    run_cli(
+        "choose-threshold", "--model", calibration.NAME, "--task", calibration.TASK,
+        "--confidence", "answer_entropy", "--confidence-decoder", "logit_lens",
+        "--limit", "40", "--max-drop", "0.1", "--eval-tasks", calibration.TASK,
+        "--eval-limit", "24", "--out", str(out),
+    )  # fmt: skip
+    chosen = json.loads((out / "choose_threshold.json").read_text())["chosen"]
+    assert "confidence=answer_entropy,confidence_decoder=logit_lens" in chosen["model_args"]
+    written = json.loads((out / "results" / "chosen.json").read_text())
+    real = spade_exit_run(manager, written["config"]["model_args"], [calibration.TASK], limit=24)
+    assert_same_run(written, real, [calibration.TASK])
