@@ -117,12 +117,14 @@ def _sweep_settings(args: argparse.Namespace):
 
 
 def _threshold_config(args: argparse.Namespace, lens: str | None):
-    from lm_eval_spade.sweeps.spec import parse_thresholds
+    from lm_eval_spade.sweeps.spec import parse_patience, parse_thresholds
     from lm_eval_spade.sweeps.thresholds import ThresholdSweepConfig
 
     return ThresholdSweepConfig(
         parse_thresholds(args.thresholds), lens, args.interval, args.min_layer,
         baselines=not getattr(args, "no_baselines", False),
+        answer_decoders=getattr(args, "answer_decoders", None) or [],
+        patience=parse_patience(getattr(args, "patience", None) or []),
     )  # fmt: skip
 
 
@@ -284,8 +286,15 @@ def _add_sweeps(commands) -> None:
             "lens. Accuracy against mean exit layer and compute fraction."
         ),
     )  # fmt: skip
-    thresholds.add_argument("--lens", required=True, metavar="DIR",
-        help="L-SPADE lens (train-lens --kind lspade): SPADE-EXIT's confidence")  # fmt: skip
+    thresholds.add_argument("--lens", metavar="DIR",
+        help="L-SPADE lens (train-lens --kind lspade): SPADE-EXIT's confidence (needed unless "
+        "--answer-decoders is given)")  # fmt: skip
+    thresholds.add_argument("--answer-decoders", nargs="+", metavar="NAME",
+        help="answer-level rules (entropy and top-2 margin over the choices) from each of: "
+        "spade logit_lens lens")  # fmt: skip
+    thresholds.add_argument("--patience", nargs="+", metavar="K",
+        help="also the patience rule from each --answer-decoders decoder: exit once the "
+        "answer has held over K + 1 checks (e.g. 0 1 2 3)")  # fmt: skip
     thresholds.add_argument("--no-baselines", action="store_true",
         help="SPADE-EXIT and static SPADE exits only")  # fmt: skip
 
@@ -540,9 +549,11 @@ def _add_choose_threshold(commands) -> None:
         help="ε: the chance, over the calibration draw, that the guarantee fails "
         "(default: %(default)s)")  # fmt: skip
     add("--lens", metavar="DIR", help="confidence lens (train-lens --kind lspade or tuned_lens)")
-    add("--confidence", default="entropy", choices=["entropy", "margin", "maxprob"],
-        help="uncertainty measure (default: %(default)s)")  # fmt: skip
-    add("--confidence-decoder", choices=["lspade", "tuned_lens", "logit_lens"],
+    add("--confidence", default="entropy",
+        choices=["entropy", "margin", "maxprob", "answer_entropy", "answer_margin"],
+        help="uncertainty measure; answer_* are over a --task's choices (default: "
+        "%(default)s)")  # fmt: skip
+    add("--confidence-decoder", choices=["lspade", "tuned_lens", "logit_lens", "spade"],
         help="what the uncertainty is computed from (default: the --lens's kind)")  # fmt: skip
     add("--interval", type=int, default=1, help="check every N blocks (default: %(default)s)")
     add("--min-layer", type=int, help="first check layer (default: --interval)")

@@ -76,9 +76,14 @@ class SpadeConfig:
       position is at most this many nats (`-inf`: never; `inf`: at the first check);
     - `interval`, `min_layer`: checks at layers `min_layer, min_layer + interval, ...`
       below L (`min_layer` defaults to `interval`);
-    - `confidence`: `entropy` (the paper's), `margin` or `maxprob` (see `confidence.py`);
+    - `confidence`: `entropy` (the paper's), `margin` or `maxprob` over the vocabulary, or
+      over a multiple-choice question's choices `answer_entropy`, `answer_margin` or
+      `patience` (see `confidence.py`);
+    - `patience`: with `confidence=patience` (implied), exit once the question's answer has
+      held over `patience + 1` checks in a row (instead of `threshold`);
     - `confidence_decoder`: what the uncertainty is computed from: `lspade` (default,
-      needs `lens`), `tuned_lens` (needs `lens`) or `logit_lens`;
+      needs `lens`), `tuned_lens` (needs `lens`) or `logit_lens`; for answer-level
+      measures also `spade`;
     - `exit_log`: a file that gets one JSON line per request (task, doc, exit, confidence).
 
     Both modes:
@@ -107,6 +112,7 @@ class SpadeConfig:
     min_layer: int | None = None
     confidence: Confidence = Confidence.ENTROPY
     confidence_decoder: DecoderKind | None = None
+    patience: int | None = None
     exit_log: str | None = None
     kv_strategy: KVStrategy | None = None
 
@@ -138,11 +144,13 @@ class SpadeConfig:
                 fields[key] = str(args[key])
         if "threshold" in given:
             fields["threshold"] = _float_value("threshold", args["threshold"])
-        for key in ("interval", "min_layer"):
+        for key in ("interval", "min_layer", "patience"):
             if key in given:
                 fields[key] = _int_value(key, args[key])
         if "confidence" in given:
             fields["confidence"] = _enum_value(Confidence, "confidence", args["confidence"])
+        elif "patience" in given:
+            fields["confidence"] = Confidence.PATIENCE
         if "confidence_decoder" in given:
             fields["confidence_decoder"] = _enum_value(
                 DecoderKind, "confidence_decoder", args["confidence_decoder"]
@@ -160,15 +168,16 @@ class SpadeConfig:
                 "nats, so no request would exit. Give a threshold >= 0, or threshold=-inf to "
                 "never exit on purpose."
             )
+        self._check_patience()
         adaptive_only = sorted(
             given & {"interval", "min_layer", "confidence", "confidence_decoder", "exit_log"}
         )
-        if self.threshold is None and adaptive_only:
+        if not self.adaptive and adaptive_only:
             raise SpadeArgumentError(
                 f"{', '.join(adaptive_only)} only apply to adaptive exits: add threshold=NATS "
                 "(or drop them)."
             )
-        if self.exit_layer is not None and self.threshold is not None:
+        if self.exit_layer is not None and self.adaptive:
             raise SpadeArgumentError(
                 "exit_layer fixes the exit layer and threshold makes it adaptive; give one of "
                 "them, not both."
@@ -183,18 +192,28 @@ class SpadeConfig:
                 f"interval={self.interval} must be at least 1 (check every N blocks)."
             )
         confidence = self.confidence_decoder
-        if confidence is not None and confidence not in (
-            DecoderKind.LSPADE, DecoderKind.TUNED_LENS, DecoderKind.LOGIT_LENS
-        ):  # fmt: skip
+        answer_level = self.confidence.answer_level
+        allowed = [DecoderKind.LSPADE, DecoderKind.TUNED_LENS, DecoderKind.LOGIT_LENS]
+        if answer_level:
+            allowed.append(DecoderKind.SPADE)
+        if confidence is not None and confidence not in allowed:
             raise SpadeArgumentError(
-                f"confidence_decoder={confidence.value} is not valid; choose one of: lspade, "
-                "tuned_lens, logit_lens (SPADE itself is what exiting saves)."
+                f"confidence_decoder={confidence.value} is not valid with confidence="
+                f"{self.confidence.value}; choose one of: {', '.join(k.value for k in allowed)}"
+                + (
+                    ""
+                    if answer_level
+                    else " (SPADE itself is what exiting saves; it serves only the answer-level "
+                    "measures answer_entropy, answer_margin, patience)"
+                )
+                + "."
             )
-        if self.threshold is not None and self.lens is None and confidence is None:
+        if self.adaptive and self.lens is None and confidence is None:
             raise SpadeArgumentError(
-                "threshold needs a confidence source: add lens=DIR (an L-SPADE lens from "
-                "`lm-eval-spade train-lens --kind lspade`, the paper's choice) or "
-                "confidence_decoder=logit_lens."
+                f"{'patience' if self.patience is not None else 'threshold'} needs a confidence "
+                "source: add lens=DIR (an L-SPADE lens from `lm-eval-spade train-lens --kind "
+                "lspade`, the paper's choice) or confidence_decoder=logit_lens"
+                + (" (or spade)." if answer_level else ".")
             )
         users = [k for k in (self.decoder, confidence) if k is not None and k.needs_lens]
         if users and self.lens is None:
@@ -219,10 +238,34 @@ class SpadeConfig:
                 "spade_start only applies to early exits: add exit_layer=K or threshold=NATS "
                 "(or drop it)."
             )
-        if self.lens is not None and not users and self.threshold is None:
+        if self.lens is not None and not users and not self.adaptive:
             raise SpadeArgumentError(
                 f"lens={self.lens} is only used by decoder={' or decoder='.join(_LENS_DECODERS)}"
                 " or by adaptive exits (threshold=...); set one of those or drop lens."
+            )
+
+    def _check_patience(self) -> None:
+        if self.confidence is Confidence.PATIENCE and self.patience is None:
+            raise SpadeArgumentError(
+                "confidence=patience exits once the answer holds for k checks: add patience=K "
+                "(an integer >= 0) instead of threshold."
+            )
+        if self.patience is None:
+            return
+        if self.confidence is not Confidence.PATIENCE:
+            raise SpadeArgumentError(
+                f"patience={self.patience} is the patience rule's setting, and confidence="
+                f"{self.confidence.value} is another rule: drop confidence or set "
+                "confidence=patience."
+            )
+        if self.patience < 0:
+            raise SpadeArgumentError(
+                f"patience={self.patience} must be at least 0 (checks the answer must hold "
+                "after the first at which it appears)."
+            )
+        if self.threshold is not None:
+            raise SpadeArgumentError(
+                "patience=K is the patience rule's threshold; give patience or threshold, not both."
             )
 
     def _check_kv_strategy(self) -> None:
@@ -253,7 +296,7 @@ class SpadeConfig:
             fields["kv_strategy"] = default_kv_strategy(
                 climbs and self.spade_positions is SpadePositions.ORIGINAL
             )
-        if self.threshold is not None:
+        if self.adaptive:
             if self.confidence_decoder is None:  # the lens's kind: one lens serves both
                 decoder = self.decoder
                 fields["confidence_decoder"] = (
@@ -266,7 +309,18 @@ class SpadeConfig:
     @property
     def active(self) -> bool:
         """Whether any exit setting is given (else spade-exit is `hf`)."""
-        return self.exit_layer is not None or self.threshold is not None
+        return self.exit_layer is not None or self.adaptive
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether requests exit by a rule (`threshold`, or `patience`)."""
+        return self.threshold is not None or self.patience is not None
+
+    @property
+    def exit_threshold(self) -> float | None:
+        """The threshold `exiting.py` compares uncertainties with: `-patience` for the
+        patience rule (whose uncertainty is minus the checks the answer has held)."""
+        return -float(self.patience) if self.patience is not None else self.threshold
 
     @property
     def never_exits(self) -> bool:
@@ -307,7 +361,7 @@ class SpadeConfig:
         """The layers where the exit rule is applied, ascending, all below L."""
         if self.exit_layer is not None:
             return (self.exit_layer,) if self.exit_layer < num_layers else ()
-        if self.threshold is None:
+        if not self.adaptive:
             return ()
         assert self.min_layer is not None
         return tuple(range(self.min_layer, num_layers, self.interval))

@@ -36,6 +36,11 @@ def heading(spade: dict[str, Any]) -> str:
             f"adaptive exits ({config['confidence']} of {config['confidence_decoder']} "
             f"<= {config['threshold']} nats)"
         )
+    elif config.get("patience") is not None:
+        rule = (
+            f"adaptive exits (answer of {config['confidence_decoder']} held over "
+            f"{config['patience'] + 1} checks)"
+        )
     else:
         return f"spade-exit: no exit setting, every request at full depth ({layers} layers)"
     return f"spade-exit: {rule}, decoded with {config['decoder']}"

@@ -16,6 +16,14 @@ Which position decides:
   layer even where float noise would put them either side of the threshold;
 - loglikelihood_rolling (`rolling=True`): the context is only the start token, so the
   row's uncertainty is the mean over all its scored positions.
+
+Answer-level measures (`answer_entropy`, `answer_margin`, `patience`) decide per question:
+the rows sharing a context (its choices) must be in one batch (`model.py` batches whole
+questions). At each check the confidence decoder decodes every scored position of those
+rows, each choice's loglikelihood is summed from them, and the measure of the softmax over
+the choices (`confidence.choice_uncertainties`) decides for all of them. A SPADE confidence
+decoder's passes above the check count as block-token passes; where it is also the
+exit's decoder, the exit check's decoding is reused, not run twice.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_eval_spade.architectures import Architecture
-from lm_eval_spade.confidence import Confidence, uncertainty
+from lm_eval_spade.confidence import Confidence, choice_uncertainties, uncertainty
 from lm_eval_spade.decoders import (
     DecoderKind,
     LayerStates,
@@ -46,6 +54,7 @@ class ExitPlan:
     spade_positions: SpadePositions = SpadePositions.ORIGINAL
     spade_start: SpadeStart = SpadeStart.PAIR
     threshold: float | None = None  # None: exit at the first check unconditionally
+    # (the patience rule: -patience, as its uncertainty is minus the checks held)
     confidence: Confidence = Confidence.ENTROPY
     confidence_decoder: DecoderKind = DecoderKind.LOGIT_LENS
     lens: Lens | None = None
@@ -71,11 +80,13 @@ def score_rows(
     decided: dict[tuple[int, ...], int],
     rolling: bool = False,
     softmax_dtype: torch.dtype | None = None,
+    targets: list[list[list[int]]] | None = None,
 ) -> list[RowExit]:
     """Score right-padded rows `ids` `[B, T]` with early exits; see the module doc.
 
     `decided` maps a context's tokens to the layer it exited at; it is read and updated,
-    so pass the same dict for every batch of one lm-eval call.
+    so pass the same dict for every batch of one lm-eval call. `targets[r]` holds the
+    continuations row `r` serves (answer-level measures need them).
     """
     num_layers = arch.num_layers
     positions = torch.arange(ids.shape[1], device=ids.device)[None]
@@ -85,6 +96,12 @@ def score_rows(
     results: list[RowExit | None] = [None] * len(input_lens)
     checks = [0] * len(input_lens)
     last_u: list[float | None] = [None] * len(input_lens)
+    answer_level = plan.threshold is not None and plan.confidence.answer_level
+    if answer_level and (rolling or targets is None):
+        raise ValueError("answer-level confidence needs the continuations of each row")
+    reuse = answer_level and plan.confidence_decoder is plan.decoder
+    history: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    extra = [0.0] * len(input_lens)  # the confidence decoder's block-token passes
 
     active = torch.arange(len(input_lens), device=ids.device)
     hidden = arch.embed(ids, positions)
@@ -93,16 +110,31 @@ def score_rows(
         hidden = arch.run_blocks(hidden, layer, check, positions[:, : hidden.shape[1]])
         layer = check
         go = torch.ones(len(active), dtype=torch.bool, device=ids.device)
-        if plan.threshold is not None:
+        decoded: list[tuple[torch.Tensor, float]] | None = None
+        if answer_level:
+            assert targets is not None
+            u, counts, decoded = _answer_uncertainty(
+                arch, plan, hidden, active, answer, lengths, check, targets, keys, history,
+                softmax_dtype,
+            )  # fmt: skip
+        elif plan.threshold is not None:
             u, counts = _uncertainty(arch, plan, hidden, active, answer, lengths, check, rolling)
+        if plan.threshold is not None:
             go = u <= plan.threshold
             for i, row in enumerate(active.tolist()):
                 checks[row] += counts[i]
                 last_u[row] = float(u[i])
                 if keys[row] in decided:
                     go[i] = decided[keys[row]] == check
+        if decoded is not None:
+            for i, row in enumerate(active.tolist()):
+                if not (reuse and bool(go[i])):
+                    extra[row] += decoded[i][1]
         if bool(go.any()):
-            _finish(arch, plan, hidden, active, go, check, lengths, answer, results, softmax_dtype)
+            _finish(
+                arch, plan, hidden, active, go, check, lengths, answer, results, softmax_dtype,
+                decoded if reuse else None,
+            )  # fmt: skip
             keep = ~go
             hidden, active = hidden[keep], active[keep]
             if len(active) == 0:
@@ -117,7 +149,7 @@ def score_rows(
     for row, result in enumerate(results):
         assert result is not None
         decided.setdefault(keys[row], result.exit_layer)
-        result.block_token_passes += result.exit_layer * input_lens[row]
+        result.block_token_passes += result.exit_layer * input_lens[row] + extra[row]
         result.checks, result.confidence = checks[row], last_u[row]
         out.append(result)
     return out
@@ -151,6 +183,54 @@ def _uncertainty(
     return per_row, counts.tolist()
 
 
+def _answer_uncertainty(
+    arch: Architecture,
+    plan: ExitPlan,
+    hidden: torch.Tensor,
+    active: torch.Tensor,
+    answer: torch.Tensor,
+    lengths: torch.Tensor,
+    layer: int,
+    targets: list[list[list[int]]],
+    keys: list[tuple[int, ...]],
+    history: dict[tuple[int, ...], list[torch.Tensor]],
+    softmax_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, list[int], list[tuple[torch.Tensor, float]]]:
+    """Per running row: its question's answer-level uncertainty at `layer`, the positions
+    decoded for it, and their log-probs and block-token passes (for reuse at the exit).
+
+    `history` keeps each question's choice loglikelihoods at its earlier checks (patience
+    counts over them)."""
+    rows = active.tolist()
+    spans = [torch.arange(int(answer[r]), int(lengths[r])) for r in rows]
+    which = torch.cat([torch.full((len(s),), i) for i, s in enumerate(spans)]).to(hidden.device)
+    cols = torch.cat(spans).to(hidden.device)
+    x = LayerStates(hidden[which, 0], hidden[which, cols], cols)
+    out = decode_layers(
+        arch,
+        plan.confidence_decoder,
+        {layer: x},
+        plan.spade_positions,
+        lens=plan.lens,
+        spade_start=plan.spade_start,
+    )[layer]
+    log_probs = F.log_softmax(out.logits, dim=-1, dtype=softmax_dtype)
+    sizes = [len(s) for s in spans]
+    per_row = list(zip(log_probs.split(sizes), out.passes.split(sizes), strict=True))
+    choices: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for (lp, _), r, n in zip(per_row, rows, sizes, strict=True):
+        for hit in targets[r]:
+            at = torch.arange(n - len(hit), n, device=lp.device)
+            tokens = torch.tensor(hit, device=lp.device)
+            choices.setdefault(keys[r], []).append(lp[at, tokens].double().sum().cpu())
+    u_of = {}
+    for key, values in choices.items():
+        history.setdefault(key, []).append(torch.stack(values))
+        u_of[key] = float(choice_uncertainties(torch.stack(history[key]), plan.confidence)[-1])
+    u = torch.tensor([u_of[keys[r]] for r in rows], device=hidden.device, dtype=torch.float64)
+    return u, sizes, [(lp, float(passes.sum())) for lp, passes in per_row]
+
+
 def _finish(
     arch: Architecture,
     plan: ExitPlan,
@@ -162,10 +242,17 @@ def _finish(
     answer: torch.Tensor,
     results: list[RowExit | None],
     softmax_dtype: torch.dtype | None,
+    decoded_rows: list[tuple[torch.Tensor, float]] | None = None,
 ) -> None:
-    """Decode the scored positions of the rows leaving at `layer`."""
+    """Decode the scored positions of the rows leaving at `layer` (or take each running
+    row's `decoded_rows`: log-probs and passes already decoded there by the same decoder)."""
     local = go.nonzero().squeeze(1)
     rows = active[local].tolist()
+    if decoded_rows is not None:
+        for i, row in zip(local.tolist(), rows, strict=True):
+            lp, passes = decoded_rows[i]
+            results[row] = RowExit(lp, layer, None, passes, 0)
+        return
     spans = [torch.arange(int(answer[r]), int(lengths[r])) for r in rows]
     which = torch.cat([torch.full((len(s),), int(i)) for i, s in zip(local, spans, strict=True)])
     cols = torch.cat(spans)

@@ -76,6 +76,35 @@ def _group_key(req: TokenRequest) -> list[int]:
     return req[-2] + req[-1][:-1]
 
 
+def _question_sort_key(req: TokenRequest) -> tuple[int, tuple[int, ...], int, tuple[int, ...]]:
+    """Answer-level exits: a question's choices (requests sharing a context) next to each
+    other, longest contexts first, then HFLM's order within the question."""
+    toks = req[1] + req[2]
+    return -len(req[1]), tuple(req[1]), -len(toks), tuple(toks)
+
+
+def _whole_questions(
+    items: Iterator[Sequence[TokenRequest]], batch_size: int
+) -> Iterator[list[TokenRequest]]:
+    """Batches of at most `batch_size` forwards that never split a question (one larger
+    than `batch_size` is a batch of its own): its choices decide together."""
+    batch: list[TokenRequest] = []
+    question: list[TokenRequest] = []
+    for item in (x for chunk in items for x in chunk):
+        if question and item[1] != question[0][1]:
+            if batch and len(batch) + len(question) > batch_size:
+                yield batch
+                batch = []
+            batch += question
+            question = []
+        question.append(item)
+    if batch and len(batch) + len(question) > batch_size:
+        yield batch
+        batch = []
+    if batch or question:
+        yield batch + question
+
+
 def _first_occurrences(requests: list[Instance]) -> tuple[list[Instance], list[int]]:
     """Distinct Instances, and for each request the index of its distinct one.
 
@@ -252,7 +281,7 @@ class SpadeExitLM(HFLM):
             decoder=spade.decoder,
             spade_positions=spade.spade_positions,
             spade_start=spade.spade_start,
-            threshold=spade.threshold,
+            threshold=spade.exit_threshold,
             confidence=spade.confidence,
             confidence_decoder=spade.confidence_decoder or DecoderKind.LOGIT_LENS,
             lens=self.lens,
@@ -477,7 +506,7 @@ class SpadeExitLM(HFLM):
         for every request, back in the order of `requests`."""
         re_ord = Collator(
             requests,
-            sort_fn=_sort_key,
+            sort_fn=_question_sort_key if self._answer_level else _sort_key,
             group_by="contexts" if self.logits_cache else None,
             group_fn=_group_key,
         )
@@ -487,17 +516,30 @@ class SpadeExitLM(HFLM):
         decided: dict[tuple[int, ...], int] = {}
         res: list[tuple[Any, Any]] = []
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc=self._desc())
-        for chunk in re_ord.get_batched(n=batch_size):
+        chunks: Iterator[Sequence[TokenRequest]] = (
+            _whole_questions(re_ord.get_batched(n=0), int(batch_size))
+            if self._answer_level
+            else re_ord.get_batched(n=batch_size)
+        )
+        for chunk in chunks:
             for answer in self._score_chunk(chunk, re_ord, decided):
                 res.append(answer)
                 pbar.update(1)
         pbar.close()
         return re_ord.get_original(res)
 
+    @property
+    def _answer_level(self) -> bool:
+        """Whether exits are decided per question from its choices (`exiting.py`)."""
+        plan = self.plan
+        return plan is not None and plan.threshold is not None and plan.confidence.answer_level
+
     def _desc(self) -> str:
         spade = self.spade
         if spade.exit_layer is not None:
             return f"Scoring at layer {spade.exit_layer} ({spade.decoder.value})"
+        if spade.patience is not None:
+            return f"SPADE-EXIT (answer held over {spade.patience + 1} checks)"
         return f"SPADE-EXIT ({spade.confidence.value} <= {spade.threshold} nats)"
 
     def _score_chunk(
@@ -506,17 +548,17 @@ class SpadeExitLM(HFLM):
         """Yield the answer and exit of every request the chunk's forwards serve."""
         inputs, cont_lens = self._chunk_inputs(chunk)
         input_lens = [len(t) for t in inputs]
-        rows = self._score_rows(inputs, input_lens, cont_lens, decided)
-        for (request_str, context_enc, cont_toks), row, n in zip(
-            chunk, rows, input_lens, strict=True
-        ):
+        placeholder = torch.zeros(1, 1, 1)
+        chunk_hits = [  # the requests each forward serves (one-token answers share one)
+            [(hit_str, hit_cont) for hit_str, hit_cont, _ in re_ord.get_cache(s, c, k, placeholder)]
+            for s, c, k in chunk
+        ]
+        targets = [[list(cont) for _, cont in hits] for hits in chunk_hits]
+        rows = self._score_rows(inputs, input_lens, cont_lens, decided, targets)
+        for row, n, row_hits in zip(rows, input_lens, chunk_hits, strict=True):
             logits = row.log_probs.unsqueeze(0)  # [1, cont_len, vocab]
             greedy = logits.argmax(dim=-1)
-            hits = list(
-                re_ord.get_cache(
-                    req_str=request_str, cxt_toks=context_enc, cont_toks=cont_toks, logits=logits
-                )
-            )
+            hits = [(hit_str, hit_cont, logits) for hit_str, hit_cont in row_hits]
             share = 1.0 / len(hits)
             exit = RequestExit(
                 row.exit_layer,
@@ -555,8 +597,15 @@ class SpadeExitLM(HFLM):
         input_lens: list[int],
         cont_lens: list[int],
         decided: dict,
+        targets: list[list[list[int]]] | None = None,
     ) -> list[RowExit]:
         assert self.arch is not None and self.plan is not None
+        if self._answer_level and self._rolling:
+            raise SpadeArgumentError(
+                f"confidence={self.plan.confidence.value} is over a question's choices, and "
+                "loglikelihood_rolling (perplexity) requests have none: use confidence=entropy, "
+                "margin or maxprob for them."
+            )
         ids = pad_and_concat(max(input_lens), list(inputs), padding_side="right")
         if self.plan.checks:
             assert self.spade.decoder is not None
@@ -571,6 +620,7 @@ class SpadeExitLM(HFLM):
                 decided,
                 rolling=self._rolling,
                 softmax_dtype=self.softmax_dtype,
+                targets=targets,
             )
 
     @contextlib.contextmanager
@@ -658,6 +708,12 @@ class SpadeExitLM(HFLM):
         if self._delegates:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         assert self.arch is not None and self.plan is not None and self.spade.kv_strategy
+        if self._answer_level:
+            raise SpadeArgumentError(
+                f"confidence={self.plan.confidence.value} is over a question's choices, and "
+                "generate_until requests have none: use confidence=entropy, margin or maxprob "
+                "for generation."
+            )
         attention_mask = generation_kwargs.pop("attention_mask")
         sampling = Sampling.from_request(generation_kwargs, self.model.generation_config)
         if self.plan.checks:

@@ -274,8 +274,17 @@ ROWS: dict[str, Row] = {
         ERR,
         "both --task spade_calibration and --prompts prompts.jsonl were given",
     ),
-    "thresholds without --lens": Row(
-        "spade", f"{ST.replace('--lens lens ', '')} --out o", USAGE, "--lens"
+    "thresholds without --lens or --answer-decoders": Row(
+        "spade", f"{ST.replace('--lens lens ', '')} --out o", ERR, "or --answer-decoders"
+    ),
+    "thresholds --answer-decoders magic": Row(
+        "spade", f"{ST} --out o --answer-decoders magic", ERR, "choose from spade, logit_lens, lens"
+    ),
+    "thresholds --patience without --answer-decoders": Row(
+        "spade", f"{ST} --out o --patience 1", ERR, "--patience needs --answer-decoders"
+    ),
+    "thresholds --patience -1": Row(
+        "spade", f"{ST} --out o --answer-decoders spade --patience -1", ERR, "whole number"
     ),
     "transfer --lens without TASK=": Row("spade", f"{SX} --out o --lens lens", ERR, "TASK=DIR"),
     "transfer --train-limit 0": Row(

@@ -195,10 +195,20 @@ def build_scorer(settings: SweepSettings, config: ChooseConfig) -> Scorer:
     if not config.thresholds:
         raise SweepError("no candidate thresholds, e.g. --thresholds 0.01 0.1 1 inf.")
     signal, lenses = confidence_signal(config)
+    if signal.answer_level and config.task is None:
+        raise SweepError(
+            f"--confidence {signal.measure.value} is over a question's choices: calibrate on "
+            "a multiple-choice --task (prompts have no choices)."
+        )
+    if signal.source.kind is DecoderKind.SPADE and not signal.answer_level:
+        raise SweepError(
+            "--confidence-decoder spade serves answer-level measures only (answer_entropy, "
+            "answer_margin)."
+        )
     spade = Decoding(DecoderKind.SPADE)
     lm = LayerwiseLM(
         settings.model,
-        [spade],
+        [spade, *([signal.source] if signal.answer_level else [])],
         [signal],
         lenses=lenses,
         spade_positions=settings.spade_positions,

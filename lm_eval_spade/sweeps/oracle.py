@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from lm_eval.api.instance import Instance
 
+from lm_eval_spade.confidence import Confidence
 from lm_eval_spade.finite import json_number
 from lm_eval_spade.sweeps.answers import MultipleChoice
 from lm_eval_spade.sweeps.model import LayerwiseLM, RequestScores
@@ -216,6 +217,8 @@ def family_point(
         return {**head, "cheapest_within_point": None, "why_null": why}
     row = summary.loc[best]
     chosen = {"threshold": json_number(family.thresholds[best]), **measures(row)}
+    if family.signal.measure is Confidence.PATIENCE:  # its threshold is -patience
+        chosen = {"patience": int(-family.thresholds[best]), **chosen}
     if oracle is None:
         chosen |= {"share_of_oracle_saving": None, "why_null": "no oracle for its decoder"}
     else:
@@ -239,9 +242,11 @@ def task_oracle(
     plan: OraclePlan,
     answers: MultipleChoice,
     family_exits: dict[Family, np.ndarray],
+    family_extra: dict[Family, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """One task's oracle entry: per decoder, then per threshold family (`family_exits`:
-    each family's exit indices for these records)."""
+    each family's exit indices for these records; `family_extra`: its confidence
+    decoder's block-token passes, `ExitRule.extra_passes`)."""
     predict, per_question = answers.rules()
     values: dict[tuple, np.ndarray | None] = {}
 
@@ -284,6 +289,7 @@ def task_oracle(
             grid,
             predict,
             score,
+            None if family_extra is None else family_extra[family],
         )
         name, oracle = by_decoding.get(family.decoding, (family.decoding.label, None))
         rules.append(family_point(found_rule, family, name, oracle, plan.point))
@@ -315,12 +321,13 @@ def sweep_oracle(
         raise ValueError("threshold families need the sweep's check layers")
     scored = [r for r in records if r[0].request_type == "loglikelihood"]
     # every task's requests reach the threshold rules in one call, as lm-eval batches them
+    scores = [s for _, s in scored]
+    rules = {f: ExitRule(layout, f.signal, plan.checks or (), f.decoding) for f in plan.families}
     family_exits = {
-        f: ExitRule(layout, f.signal, plan.checks or (), f.decoding).exit_index(
-            [s for _, s in scored], np.asarray(f.thresholds, dtype=np.float64)
-        )
-        for f in plan.families
+        f: rule.exit_index(scores, np.asarray(f.thresholds, dtype=np.float64))
+        for f, rule in rules.items()
     }
+    family_extra = {f: rules[f].extra_passes(scores, family_exits[f]) for f in plan.families}
     out: dict[str, Any] = {}
     for name in sorted(tasks):
         mine = [i for i, (request, _) in enumerate(scored) if request.task_name == name]
@@ -330,6 +337,7 @@ def sweep_oracle(
                 out[name] = task_oracle(
                     [scored[i] for i in mine], layout, plan, MultipleChoice({name: tasks[name]}),
                     {f: exits[mine] for f, exits in family_exits.items()},
+                    {f: extra[mine] for f, extra in family_extra.items()},
                 )  # fmt: skip
                 continue
             except SweepError as err:  # e.g. a task scoring more requests than choices

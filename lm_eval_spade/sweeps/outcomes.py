@@ -26,7 +26,7 @@ from lm_eval.api.instance import Instance
 
 from lm_eval_spade.sweeps.model import RequestScores
 from lm_eval_spade.sweeps.spec import Decoding, Layout, Signal
-from lm_eval_spade.sweeps.views import deciders
+from lm_eval_spade.sweeps.views import check_uncertainties, confidence_passes
 
 #: A question's requests (in `idx` order) and their loglikelihoods and greedy flags at
 #: each candidate's exit, `[requests, candidates]` -> the answer under each candidate.
@@ -51,13 +51,16 @@ class ExitRule:
 
     def exit_index(self, scores: Sequence[RequestScores], thresholds: np.ndarray) -> np.ndarray:
         """`[requests, candidates]`: index into `layers` where each request exits."""
-        index = self.layout.signals.index(self.signal)
-        checks = list(self.checks)
-        u = np.array(
-            [d.uncertainty[index][checks].double().numpy() for d in deciders(scores)]
-        ).reshape(len(scores), len(checks))
+        u = check_uncertainties(self.layout, self.signal, self.checks, scores)
         passed = u[:, None, :] <= thresholds[None, :, None]
-        return np.where(passed.any(-1), passed.argmax(-1), len(checks))
+        return np.where(passed.any(-1), passed.argmax(-1), len(self.checks))
+
+    def extra_passes(self, scores: Sequence[RequestScores], exits: np.ndarray) -> np.ndarray:
+        """`[requests, candidates]`: the confidence decoder's block-token passes up to each
+        exit (answer-level signals decoded with SPADE; else 0), `views.confidence_passes`."""
+        return confidence_passes(
+            self.layout, self.signal, self.checks, self.decoding, scores, exits
+        )
 
 
 @dataclass
@@ -140,8 +143,12 @@ def outcomes(
     """Every candidate's outcome for every question among `records` (each request with
     its scores; a question is a (task, document) and holds all its requests)."""
     grid = np.asarray(thresholds, dtype=np.float64)
-    exits = rule.exit_index([s for _, s in records], grid)
-    return tally(records, rule.layout, rule.decoding, rule.layers, exits, grid, predict, score)
+    scores = [s for _, s in records]
+    exits = rule.exit_index(scores, grid)
+    extra = rule.extra_passes(scores, exits)
+    return tally(
+        records, rule.layout, rule.decoding, rule.layers, exits, grid, predict, score, extra
+    )
 
 
 def fixed_exits(requests: int, layers: Sequence[int]) -> np.ndarray:
@@ -159,12 +166,14 @@ def tally(
     candidates: np.ndarray,
     predict: Predict,
     score: Score,
+    extra_passes: np.ndarray | None = None,
 ) -> Outcomes:
     """Per question, the outcome of exiting each request at `layers[exits[r, c]]` and
     decoding it with `decoding` there, for every candidate c (`candidates` are their
     values: thresholds, or layers for static exits). Answers are compared with the same
     decoding at layer L, the full model; passes are the column's, as the sweep's views
-    count a fixed or threshold exit there."""
+    count a fixed or threshold exit there, plus `extra_passes[r, c]` (a SPADE confidence
+    decoder's, `ExitRule.extra_passes`)."""
     scores = [s for _, s in records]
     columns = np.array([layout.column(decoding, int(layer)) for layer in layers])
     full = layout.column(decoding, layout.num_layers)
@@ -204,6 +213,8 @@ def tally(
             correct[q], full_correct[q] = values[answers[:-1]], values[answers[-1]]
         exit_layers[q] = layers[exits[members]].sum(axis=0)
         passes_run[q] = passes[rows[members], columns[exits[members]]].sum(axis=0)
+        if extra_passes is not None:
+            passes_run[q] += extra_passes[members].sum(axis=0)
         requests[q] = len(members)
         passes_full[q] = sum(scores[i].passes_full for i in members)
     return Outcomes(

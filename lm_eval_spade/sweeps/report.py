@@ -92,6 +92,14 @@ def _placement(data: dict[str, Any]) -> dict[str, Any]:
             "decoder": decoder,
             "num_layers": num_layers,
         }
+    if config.get("patience") is not None:  # the patience rule: threshold -patience
+        return {
+            "kind": "thresholds",
+            "series": f"patience of {config.get('confidence_decoder')}, decoded by {decoder}",
+            "threshold": -float(config["patience"]),
+            "decoder": decoder,
+            "num_layers": num_layers,
+        }
     return {"kind": "full model", "series": "full model", "num_layers": num_layers}
 
 

@@ -11,7 +11,8 @@ the block-token passes a fixed exit at each column would have cost (`l * n` for 
 prefix plus the decoder's passes above `l`, as `docs/method.md` counts them), and each
 signal's uncertainty at every layer below L at the row's decision position(s) (the
 answer position; for rolling rows, the mean over all scored positions, as `exiting.py`
-decides).
+decides). Answer-level signals need no work here: their choices' loglikelihoods are the
+columns of their confidence decoder (`views.check_uncertainties`).
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def _uncertainties(
     counts = torch.bincount(rows, minlength=n_rows).clamp(min=1).float()
     sources: dict[Decoding, list[int]] = {}
     for i, signal in enumerate(layout.signals):
-        sources.setdefault(signal.source, []).append(i)
+        if not signal.measure.answer_level:  # those come from the columns (`views.py`)
+            sources.setdefault(signal.source, []).append(i)
     for source, indices in sources.items():
         start = time.perf_counter()
         lens = lenses.get(source.lens) if source.lens else None

@@ -36,7 +36,9 @@ class Decoding:
 
 @dataclass(frozen=True)
 class Signal:
-    """An uncertainty SPADE-EXIT can exit on: a measure of a confidence decoder's output."""
+    """An uncertainty SPADE-EXIT can exit on: a measure of a confidence decoder's output
+    (over the vocabulary at the answer position, or over a question's choices, whose
+    loglikelihoods are that decoder's columns)."""
 
     source: Decoding
     measure: Confidence
@@ -44,6 +46,10 @@ class Signal:
     @property
     def label(self) -> str:
         return f"{self.measure.value} of {self.source.label}"
+
+    @property
+    def answer_level(self) -> bool:
+        return self.measure.answer_level
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,21 @@ def parse_thresholds(values: Sequence[str]) -> list[float]:
         out.append(number)
     if not out:
         raise SweepError("no thresholds given, e.g. --thresholds 0.1 0.5 1 2 inf.")
+    return sorted(set(out))
+
+
+def parse_patience(values: Sequence[str]) -> list[int]:
+    """Patience values (checks the answer must hold after the first), from strings
+    (commas allowed), ascending."""
+    parts = [p.strip() for v in values for p in str(v).split(",") if p.strip()]
+    out = []
+    for part in parts:
+        if not part.isdigit():
+            raise SweepError(
+                f"patience {part!r} is not a whole number >= 0; give checks the answer must "
+                "hold, e.g. --patience 0 1 2 3."
+            )
+        out.append(int(part))
     return sorted(set(out))
 
 

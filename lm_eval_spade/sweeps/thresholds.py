@@ -7,7 +7,12 @@ and compute fraction) the baselines:
 - entropy exit on logit lens: the classic early exit, deciding and decoding with the
   model's own head on `h^l`;
 - top-2 margin exit: SPADE-EXIT's rule with `-log(p1 - p2)` instead of entropy, from the
-  same lens (the paper's "probability difference" baseline).
+  same lens (the paper's "probability difference" baseline);
+- answer-level rules (`--answer-decoders`): the entropy and the top-2 margin of the softmax
+  over a question's choices, from each named confidence decoder (`spade`, `logit_lens`,
+  `lens`), over the same thresholds, and with `--patience K...` the patience rule (the
+  answer held over K + 1 checks), all decoded with SPADE. These need no lens unless
+  `lens` is named; the L-SPADE series need `--lens`.
 
 Nothing is rerun per threshold: one layer-wise pass gives every request's answer at
 every layer and its uncertainties at every check layer, and each threshold picks, per
@@ -18,7 +23,7 @@ Each results file equals the spade-exit run its `config.model_args` names.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm_eval_spade.confidence import Confidence
@@ -41,6 +46,10 @@ class ThresholdSweepConfig:
     interval: int = 1
     min_layer: int | None = None
     baselines: bool = True
+    #: Confidence decoders of the answer-level series: spade, logit_lens, lens (--lens's).
+    answer_decoders: list[str] = field(default_factory=list)
+    #: Patience values of the patience series (one per answer decoder); none: no series.
+    patience: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,18 @@ class Series:
     label: str
     signal: Signal
     decoding: Decoding
+    #: The series's own thresholds (the patience series: -patience each); None: the sweep's.
+    values: tuple[float, ...] | None = None
+
+    def thresholds(self, default: Sequence[float]) -> list[float]:
+        return list(default if self.values is None else self.values)
+
+
+def point_name(series: Series, threshold: float) -> str:
+    """A setting's name: `SPADE-EXIT_T0.5`, or `patience (SPADE)_P2` (threshold -2)."""
+    if series.signal.measure is Confidence.PATIENCE:
+        return f"{series.label}_P{int(-threshold)}"
+    return f"{series.label}_T{threshold:g}"
 
 
 def threshold_settings(
@@ -62,11 +83,12 @@ def threshold_settings(
     kind: str,
     **sweep: object,
 ) -> list[Setting]:
-    """One setting per threshold of `series`."""
+    """One setting per threshold of `series` (`series.values` where it has its own)."""
     min_layer = checks[0] if checks else config.interval
+    patience = series.signal.measure is Confidence.PATIENCE
     return [
         Setting(
-            f"{series.label}_T{threshold:g}",
+            point_name(series, threshold),
             ThresholdExit(
                 layout,
                 series.signal,
@@ -81,6 +103,7 @@ def threshold_settings(
                 "kind": kind,
                 "series": series.label,
                 "threshold": threshold,
+                **({"patience": int(-threshold)} if patience else {}),
                 "confidence": series.signal.measure.value,
                 "confidence_decoder": series.signal.source.kind.value,
                 "decoder": series.decoding.kind.value,
@@ -88,7 +111,7 @@ def threshold_settings(
                 **sweep,
             },
         )
-        for threshold in thresholds
+        for threshold in series.thresholds(thresholds)
     ]
 
 
@@ -111,20 +134,63 @@ def static_settings(layout: Layout, decoding: Decoding, kind: str) -> list[Setti
     ]
 
 
-def series_for(lens_name: str, lens_kind: DecoderKind, baselines: bool) -> list[Series]:
-    source = Decoding(lens_kind, lens_name)
+def series_for(
+    lens_name: str | None,
+    lens_kind: DecoderKind | None,
+    baselines: bool,
+    answer_sources: Sequence[Decoding] = (),
+    patience: Sequence[int] = (),
+) -> list[Series]:
+    """The L-SPADE series (with a lens), the baselines, and the answer-level series of
+    each of `answer_sources` (with a patience series when `patience` is given)."""
     spade = Decoding(DecoderKind.SPADE)
-    short = DECODER_NAMES[lens_kind]
-    out = [Series("SPADE-EXIT", Signal(source, Confidence.ENTROPY), spade)]
+    out = []
+    if lens_name is not None and lens_kind is not None:
+        source = Decoding(lens_kind, lens_name)
+        short = DECODER_NAMES[lens_kind]
+        out.append(Series("SPADE-EXIT", Signal(source, Confidence.ENTROPY), spade))
+        if baselines:
+            out.append(Series(f"top-2 margin ({short})", Signal(source, Confidence.MARGIN), spade))
     if baselines:
-        out += [
-            Series(f"top-2 margin ({short})", Signal(source, Confidence.MARGIN), spade),
+        out.append(
             Series(
                 "entropy (logit lens)",
                 Signal(Decoding(DecoderKind.LOGIT_LENS), Confidence.ENTROPY),
                 Decoding(DecoderKind.LOGIT_LENS),
-            ),
+            )
+        )
+    for source in answer_sources:
+        short = DECODER_NAMES[source.kind]
+        out += [
+            Series(f"answer entropy ({short})", Signal(source, Confidence.ANSWER_ENTROPY), spade),
+            Series(f"answer margin ({short})", Signal(source, Confidence.ANSWER_MARGIN), spade),
         ]
+        if patience:
+            values = tuple(sorted(float(-k) for k in patience))
+            out.append(
+                Series(f"patience ({short})", Signal(source, Confidence.PATIENCE), spade, values)
+            )
+    return out
+
+
+ANSWER_DECODERS = ("spade", "logit_lens", "lens")
+
+
+def answer_sources(names: Sequence[str], lens_name: str | None, lens_kind) -> list[Decoding]:
+    """The confidence decoders `--answer-decoders` names, checked."""
+    unknown = [n for n in names if n not in ANSWER_DECODERS]
+    if unknown:
+        raise SweepError(
+            f"--answer-decoders {', '.join(unknown)}: choose from {', '.join(ANSWER_DECODERS)}."
+        )
+    out = []
+    for name in dict.fromkeys(names):
+        if name != "lens":
+            out.append(Decoding(DecoderKind(name)))
+        elif lens_name is None:
+            raise SweepError("--answer-decoders lens decodes with --lens DIR: add it.")
+        else:
+            out.append(Decoding(lens_kind, lens_name))
     return out
 
 
@@ -137,7 +203,9 @@ def oracle_plan(
 ) -> OraclePlan:
     """What a threshold sweep's oracle file covers: the oracle of each decoder at the
     sweep's checks, and each series's cheapest threshold against it."""
-    families = tuple(Family(s.label, s.signal, s.decoding, tuple(thresholds)) for s in series)
+    families = tuple(
+        Family(s.label, s.signal, s.decoding, tuple(s.thresholds(thresholds))) for s in series
+    )
     return OraclePlan(kind, decoders, checks, families)
 
 
@@ -152,38 +220,45 @@ def check_lens_covers(lm: LayerwiseLM, lens_name: str, lens_path: str, checks: t
 
 
 def run_threshold_sweep(settings: SweepSettings, config: ThresholdSweepConfig) -> SweepOutcome:
-    if config.lens is None:
+    if config.lens is None and not config.answer_decoders:
         raise SweepError(
-            "sweep thresholds needs --lens DIR: SPADE-EXIT's confidence comes from an L-SPADE "
-            "lens (`lm-eval-spade train-lens --kind lspade ...`)."
+            "sweep thresholds needs --lens DIR (SPADE-EXIT's confidence comes from an L-SPADE "
+            "lens: `lm-eval-spade train-lens --kind lspade ...`) or --answer-decoders spade "
+            "logit_lens (answer-level rules, which need no lens)."
         )
+    if config.patience and not config.answer_decoders:
+        raise SweepError("--patience needs --answer-decoders (whose answers it watches).")
     with sweep_output(settings) as work:  # bad settings and --out fail before anything loads
         return _threshold_sweep(settings, config, config.lens, work)
 
 
 def _threshold_sweep(
-    settings: SweepSettings, config: ThresholdSweepConfig, lens: str, work: Path
+    settings: SweepSettings, config: ThresholdSweepConfig, lens: str | None, work: Path
 ) -> SweepOutcome:
-    lenses = name_lenses([lens])
-    (lens_name, (lens_path, lens_kind)), *_ = lenses.items()
-    if not lens_kind.needs_lens:  # pragma: no cover - read_lens only knows lens kinds
-        raise SweepError(f"--lens {lens_path} is not a lens.")
-    series = series_for(lens_name, lens_kind, config.baselines)
+    lenses = name_lenses([lens]) if lens is not None else {}
+    lens_name = lens_path = lens_kind = None
+    if lenses:
+        (lens_name, (lens_path, lens_kind)), *_ = lenses.items()
+        if not lens_kind.needs_lens:  # pragma: no cover - read_lens only knows lens kinds
+            raise SweepError(f"--lens {lens_path} is not a lens.")
+    sources = answer_sources(config.answer_decoders, lens_name, lens_kind)
+    series = series_for(lens_name, lens_kind, config.baselines, sources, config.patience)
     statics = [Decoding(DecoderKind.SPADE)]
     if config.baselines:
         statics.append(Decoding(DecoderKind.LOGIT_LENS))
     task_dict = load_tasks(settings.tasks, settings.include_path)
     lm = LayerwiseLM(
         settings.model,
-        [*statics, *(s.decoding for s in series)],
+        [*statics, *(s.decoding for s in series), *sources],
         [s.signal for s in series],
-        lenses={lens_name: lens_path},
+        lenses={lens_name: lens_path} if lens_name and lens_path else {},
         spade_positions=settings.spade_positions,
         spade_start=settings.spade_start,
         **settings.hf_args(),
     )
     checks = check_schedule(lm.layout.num_layers, config.interval, config.min_layer)
-    check_lens_covers(lm, lens_name, lens_path, checks)
+    if lens_name and lens_path:
+        check_lens_covers(lm, lens_name, lens_path, checks)
     points = []
     for s in series:
         path = lens_path if s.signal.source.kind.needs_lens else None
@@ -204,6 +279,7 @@ def _threshold_sweep(
             "thresholds", oracle_decoders(decodings, lenses), checks, series, config.thresholds
         ),
         thresholds=config.thresholds,
+        **({"patience": config.patience} if config.patience else {}),
         lens=lens_path,
         checks=list(checks),
         series=[s.label for s in series],

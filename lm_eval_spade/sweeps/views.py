@@ -16,9 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import numpy as np
+import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 
+from lm_eval_spade.confidence import Confidence, choice_uncertainties
 from lm_eval_spade.config import SpadeConfig
 from lm_eval_spade.decoders import DecoderKind
 from lm_eval_spade.stats import ExitStats, RequestExit
@@ -145,6 +148,71 @@ def deciders(scores: Sequence[RequestScores]) -> list[RequestScores]:
     return [s if s.context is None else first[s.context] for s in scores]
 
 
+def check_uncertainties(
+    layout: Layout, signal: Signal, checks: Sequence[int], scores: Sequence[RequestScores]
+) -> np.ndarray:
+    """`[requests, checks]` float64: the uncertainty that decides each request's exit at
+    each check, as `exiting.py` computes it.
+
+    A vocabulary signal is its context's first-scored row's (`deciders`). An answer-level
+    signal is its question's: the requests sharing its context (the choices) have their
+    loglikelihoods in the signal's decoder's columns at the checks, and
+    `confidence.choice_uncertainties` measures the softmax over them (patience counts
+    from the first check)."""
+    checks = list(checks)
+    if not signal.answer_level:
+        index = layout.signals.index(signal)
+        rows = [d.uncertainty[index][checks].double().numpy() for d in deciders(scores)]
+        return np.array(rows).reshape(len(scores), len(checks))
+    columns = [layout.column(signal.source, k) for k in checks]
+    questions: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(scores):
+        if s.context is None:
+            raise SweepError(
+                f"{signal.measure.value} is over a question's choices, and perplexity "
+                "(loglikelihood_rolling) documents have none; sweep it on multiple-choice tasks."
+            )
+        questions.setdefault(s.context, []).append(i)
+    out = np.zeros((len(scores), len(checks)))
+    if not checks:
+        return out
+    for members in questions.values():
+        logliks = torch.stack([scores[i].loglik[columns] for i in members], dim=1)
+        out[members] = choice_uncertainties(logliks, signal.measure).numpy()
+    return out
+
+
+def confidence_passes(
+    layout: Layout,
+    signal: Signal,
+    checks: Sequence[int],
+    decoding: Decoding,
+    scores: Sequence[RequestScores],
+    exits: np.ndarray,
+) -> np.ndarray:
+    """`[requests, candidates]`: the block-token passes the confidence decoder of an
+    answer-level signal spends on each request at the checks made before its exit index
+    `exits[r, c]` (as `exiting.py` counts them: decoding the request's scored positions at
+    a check costs what its column there costs above the check; at the exit check too,
+    unless that decoder is also the exit's, whose decoding is then reused). Zero for
+    vocabulary signals (their checks are counted apart) and for decoders without blocks."""
+    out = np.zeros(exits.shape)
+    if not signal.answer_level or not checks:
+        return out
+    columns = [layout.column(signal.source, k) for k in checks]
+    layers = np.array(checks, dtype=np.float64)
+    per_check = np.array(
+        [s.passes[columns].double().numpy() - layers * s.passes_full / layout.num_layers
+         for s in scores]
+    ).reshape(len(scores), len(checks))  # fmt: skip
+    before = np.concatenate([np.zeros((len(scores), 1)), per_check.cumsum(axis=1)], axis=1)
+    out = np.take_along_axis(before, exits, axis=1)
+    if signal.source != decoding:
+        at_exit = np.concatenate([per_check, np.zeros((len(scores), 1))], axis=1)
+        out = out + np.take_along_axis(at_exit, exits, axis=1)
+    return out
+
+
 class Rule(Protocol):
     """Which column answers each request, and what that exit cost."""
 
@@ -179,7 +247,9 @@ class FixedExit:
 class ThresholdExit:
     """SPADE-EXIT: exit at the first check where `signal` is at most `threshold` nats,
     decode there with `decoding`; a context's first-scored row decides for all of its
-    requests (so every choice of a question exits together, as in `exiting.py`)."""
+    requests (so every choice of a question exits together, as in `exiting.py`), or for
+    an answer-level signal, all of its choices together. The patience rule's threshold is
+    `-patience` (`confidence.py`)."""
 
     layout: Layout
     signal: Signal
@@ -196,24 +266,35 @@ class ThresholdExit:
                 "threshold sweeps decide per window, and a document here spans several "
                 "windows; raise max_length in --model-args above the longest document."
             )
-        s_index = self.layout.signals.index(self.signal)
+        answer_level = self.signal.answer_level
+        s_index = None if answer_level else self.layout.signals.index(self.signal)
+        u = check_uncertainties(self.layout, self.signal, self.checks, scores)
+        passed = u <= self.threshold
+        exits = np.where(passed.any(axis=1), passed.argmax(axis=1), len(self.checks))
+        extra = confidence_passes(
+            self.layout, self.signal, self.checks, self.decoding, scores, exits[:, None]
+        )[:, 0]
         out = []
-        for s, decider in zip(scores, deciders(scores), strict=True):
-            u = decider.uncertainty[s_index]
-            exit = next((k for k in self.checks if float(u[k]) <= self.threshold), None)
-            made = [k for k in self.checks if exit is None or k <= exit]
-            layer = self.layout.num_layers if exit is None else exit
+        for r, s in enumerate(scores):
+            e = int(exits[r])
+            made = self.checks[: e + 1]
+            layer = self.layout.num_layers if e == len(self.checks) else self.checks[e]
             c = self.layout.column(self.decoding, layer)
-            confidence = float(s.uncertainty[s_index][made[-1]]) if made else None
-            checks = len(made) * s.positions
-            exit_record = RequestExit(layer, confidence, float(s.passes[c]), s.passes_full, checks)
-            out.append((c, exit_record))
+            confidence = None
+            if made:  # the request's own uncertainty (its question's, answer-level)
+                own = u[r] if s_index is None else s.uncertainty[s_index][list(made)]
+                confidence = float(own[len(made) - 1])
+            checks = len(made) * (s.scored if answer_level else s.positions)
+            passes = float(s.passes[c]) + float(extra[r])
+            out.append((c, RequestExit(layer, confidence, passes, s.passes_full, checks)))
         return out
 
     def settings(self) -> dict[str, Any]:
         source = self.signal.source
-        args = {
-            "threshold": self.threshold,
+        args: dict[str, Any] = {"threshold": self.threshold}
+        if self.signal.measure is Confidence.PATIENCE:  # its threshold is -patience
+            args = {"patience": int(-self.threshold)}
+        args |= {
             "interval": self.interval,
             "min_layer": self.min_layer,
             "confidence": self.signal.measure.value,
