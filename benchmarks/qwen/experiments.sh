@@ -5,7 +5,9 @@
 #   bash benchmarks/qwen/experiments.sh [STAGE ...]     (default: every stage)
 #
 # Stages: accuracy (lm-eval's `hf` at full depth, per task), layers (every decoder that
-# needs no lens at every layer, with the oracle exit, per task).
+# needs no lens at every layer, with the oracle exit, per task), rules (the lens-free exit
+# rules against the oracle, per task: answer-level entropy and margin and patience from
+# SPADE and logit lens, logit-lens vocabulary entropy, static exits; checks from L/2).
 # Each step skips an output that is already there, so an interrupted run resumes; each
 # logs its wall clock to runs/qwen/times.tsv. Outputs go to runs/qwen/ (ignored by git);
 # what is kept is copied to results/qwen/, with this script as the record of what made it.
@@ -47,6 +49,17 @@ layers() {  # figures 3/4/7 without lenses, and the oracle exit of each decoder,
   done
 }
 
-for stage in "${@:-accuracy layers}"; do
+ANSWER_THRESHOLDS="0.01 0.02 0.05 0.1 0.2 0.3 0.5 0.75 1 1.5 inf"
+
+rules() {
+  for t in $TASKS; do
+    step "rules-$t" "$OUT/rules-$t" $SPADE sweep thresholds --model "$MODEL" --tasks "$t" \
+      --limit "$LIMIT" --min-layer 14 --answer-decoders spade logit_lens \
+      --patience 0 1 2 3 4 6 --thresholds $ANSWER_THRESHOLDS --no-full-depth-timing \
+      --out "$OUT/rules-$t"
+  done
+}
+
+for stage in "${@:-accuracy layers rules}"; do
   for s in $stage; do "$s"; done
 done
