@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from lmutil import DATA, STORIES, make_lm, rolling_requests, run_cli
-from test_sweeps import assert_same_run, spade_exit_run
+from test_sweeps import assert_same_run, spade_exit_run, with_paths
 
 from lm_eval_spade.confidence import Confidence, choice_uncertainties
 from lm_eval_spade.config import SpadeArgumentError, SpadeConfig
@@ -249,7 +249,7 @@ def test_answer_rule_sweep_settings_equal_spade_exit_runs(answer_sweep, letters,
     result = swept(answer_sweep, name)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(offline.ENV, str(DATA))
-        real = spade_exit_run(manager, result["config"]["model_args"], tasks)
+        real = spade_exit_run(manager, with_paths(result["config"]["model_args"]), tasks)
     assert_same_run(result, real, tasks)
 
 

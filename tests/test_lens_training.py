@@ -33,6 +33,7 @@ from lm_eval_spade.lens.training import (
     make_targets,
     train_lens,
 )
+from lm_eval_spade.paths import portable_path
 from lm_eval_spade.perplexity import rolling_perplexity
 
 pytestmark = pytest.mark.shared  # reads ../shared (tests/conftest.py)
@@ -155,7 +156,7 @@ def test_train_lens_command_then_lm_eval_with_the_lens(arc_task, tmp_path):
     assert rows[2:] == ["0", "1", "2", "3", "4"]  # integer layer numbers
     assert read_lens(out).layers == [0, 1, 2, 3, 4]
     assert read_lens(out).config.training["train_examples_used"] == 32  # 4 steps of 8
-    assert read_lens(out).config.training["data"] == str(prompts)
+    assert read_lens(out).config.training["data"] == portable_path(prompts)  # paths.py
 
     results = tmp_path / "results"
     args = f"pretrained={STORIES},dtype=float32,exit_layer=3,decoder=lspade,lens={out}"
