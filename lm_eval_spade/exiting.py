@@ -183,6 +183,35 @@ def _uncertainty(
     return per_row, counts.tolist()
 
 
+def _decode_scored(
+    arch: Architecture,
+    plan: ExitPlan,
+    decoder: DecoderKind,
+    hidden: torch.Tensor,
+    positions: list[int],
+    rows: list[int],
+    layer: int,
+    answer: torch.Tensor,
+    lengths: torch.Tensor,
+    softmax_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Log-probs and block-token passes of every scored position (answer to end) of the
+    running batch's `positions` (requests `rows`), decoded at `layer` with `decoder`; and
+    how many positions each row has. One place for the exit's decoding and for an
+    answer-level check's, so both decode the same positions the same way."""
+    spans = [torch.arange(int(answer[r]), int(lengths[r])) for r in rows]
+    which = torch.cat([torch.full((len(s),), i) for i, s in zip(positions, spans, strict=True)])
+    cols = torch.cat(spans)
+    which, cols = which.to(hidden.device), cols.to(hidden.device)
+    x = LayerStates(hidden[which, 0], hidden[which, cols], cols)
+    out = decode_layers(
+        arch, decoder, {layer: x}, plan.spade_positions, lens=plan.lens,
+        spade_start=plan.spade_start,
+    )[layer]  # fmt: skip
+    log_probs = F.log_softmax(out.logits, dim=-1, dtype=softmax_dtype)
+    return log_probs, out.passes, [len(s) for s in spans]
+
+
 def _answer_uncertainty(
     arch: Architecture,
     plan: ExitPlan,
@@ -202,21 +231,11 @@ def _answer_uncertainty(
     `history` keeps each question's choice loglikelihoods at its earlier checks (patience
     counts over them)."""
     rows = active.tolist()
-    spans = [torch.arange(int(answer[r]), int(lengths[r])) for r in rows]
-    which = torch.cat([torch.full((len(s),), i) for i, s in enumerate(spans)]).to(hidden.device)
-    cols = torch.cat(spans).to(hidden.device)
-    x = LayerStates(hidden[which, 0], hidden[which, cols], cols)
-    out = decode_layers(
-        arch,
-        plan.confidence_decoder,
-        {layer: x},
-        plan.spade_positions,
-        lens=plan.lens,
-        spade_start=plan.spade_start,
-    )[layer]
-    log_probs = F.log_softmax(out.logits, dim=-1, dtype=softmax_dtype)
-    sizes = [len(s) for s in spans]
-    per_row = list(zip(log_probs.split(sizes), out.passes.split(sizes), strict=True))
+    log_probs, passes, sizes = _decode_scored(
+        arch, plan, plan.confidence_decoder, hidden, list(range(len(rows))), rows,
+        layer, answer, lengths, softmax_dtype,
+    )  # fmt: skip
+    per_row = list(zip(log_probs.split(sizes), passes.split(sizes), strict=True))
     choices: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for (lp, _), r, n in zip(per_row, rows, sizes, strict=True):
         for hit in targets[r]:
@@ -253,22 +272,9 @@ def _finish(
             lp, passes = decoded_rows[i]
             results[row] = RowExit(lp, layer, None, passes, 0)
         return
-    spans = [torch.arange(int(answer[r]), int(lengths[r])) for r in rows]
-    which = torch.cat([torch.full((len(s),), int(i)) for i, s in zip(local, spans, strict=True)])
-    cols = torch.cat(spans)
-    which, cols = which.to(hidden.device), cols.to(hidden.device)
-    x = LayerStates(hidden[which, 0], hidden[which, cols], cols)
-    decoded = decode_layers(
-        arch,
-        plan.decoder,
-        {layer: x},
-        plan.spade_positions,
-        lens=plan.lens,
-        spade_start=plan.spade_start,
-    )
-    log_probs = F.log_softmax(decoded[layer].logits, dim=-1, dtype=softmax_dtype)
-    sizes = [len(s) for s in spans]
-    for row, lp, passes in zip(
-        rows, log_probs.split(sizes), decoded[layer].passes.split(sizes), strict=True
-    ):
-        results[row] = RowExit(lp, layer, None, float(passes.sum()), 0)
+    log_probs, passes, sizes = _decode_scored(
+        arch, plan, plan.decoder, hidden, local.tolist(), rows, layer, answer, lengths,
+        softmax_dtype,
+    )  # fmt: skip
+    for row, lp, row_passes in zip(rows, log_probs.split(sizes), passes.split(sizes), strict=True):
+        results[row] = RowExit(lp, layer, None, float(row_passes.sum()), 0)

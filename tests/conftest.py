@@ -18,14 +18,17 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_configure(config):
+    """In CI (`CI` set) a missing `../shared` is an error: CI must run every test."""
+    if os.environ.get("CI") and not STORIES.is_dir():
+        raise pytest.UsageError(f"CI runs every test, and they need ../shared at {SHARED}")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `shared` read `../shared` (real models, release data). Without it they
-    are skipped with the reason, so the unit tests still run from a clone alone; in CI
-    (`CI` set) a missing `../shared` is an error, since CI must run them all."""
+    are skipped with the reason, so the unit tests still run from a clone alone."""
     if STORIES.is_dir():
         return
-    if os.environ.get("CI"):
-        raise pytest.UsageError(f"CI runs every test, and they need ../shared at {SHARED}")
     skip = pytest.mark.skip(reason=f"needs the shared models and data at {SHARED}")
     for item in items:
         if item.get_closest_marker("shared"):
